@@ -1,0 +1,157 @@
+"""The COCO-format detection DataModule shared by the detection methods.
+
+Point it at any COCO instances files and image folders, or at ``synthetic_root``: the synthetic dataset
+(``grounding.data.synthetic``) is generated there when absent and its train/val/test splits are used
+for whatever paths are not given explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from grounding.data.coco import CocoDetection, collate_detection, detection_transforms, read_categories
+
+
+class CocoDetectionDataModule(L.LightningDataModule):
+    """Detection batches: ``pixel_values`` (B, 3, H, W), ``pixel_mask`` (B, H, W), ``targets``.
+
+    Args:
+        train_annotations / train_images (and val_, test_): a COCO instances file and its image folder.
+        synthetic_root: folder of the synthetic dataset; generated there if absent (``synthetic`` holds
+            generator settings, e.g. ``{"num_train": 600, "seed": 0}``; when given, an existing dataset
+            generated with other settings is an error, never overwritten).
+        image_size, max_size: shorter-side resize and cap of the longer side.
+        train_scales: shorter sides drawn at random in training (default ``[image_size]``).
+        flip_prob, crop_prob, crop_scale: training augmentation (random flip, random resized crop).
+        batch_size, eval_batch_size, num_workers: loaders.
+        train_fraction: keep a random fraction of the training images (low-data protocol).
+        shots_per_category: k-shot training set (GLIP protocol), drawn with ``subset_seed``.
+        return_masks: also return instance masks (from polygons / RLE), transformed with the image.
+    """
+
+    def __init__(
+        self,
+        train_annotations: str | None = None,
+        train_images: str | None = None,
+        val_annotations: str | None = None,
+        val_images: str | None = None,
+        test_annotations: str | None = None,
+        test_images: str | None = None,
+        synthetic_root: str | None = None,
+        synthetic: dict | None = None,
+        image_size: int = 800,
+        max_size: int = 1333,
+        train_scales: list[int] | None = None,
+        flip_prob: float = 0.5,
+        crop_prob: float = 0.5,
+        crop_scale: tuple[float, float] = (0.3, 1.0),
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_fraction: float = 1.0,
+        shots_per_category: int | None = None,
+        subset_seed: int = 0,
+        return_masks: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if max_size is not None and max_size <= max([image_size] + list(train_scales or [])):
+            raise ValueError(f"max_size={max_size} must be greater than image_size and every train_scale ({image_size}, {train_scales})")
+        self.paths = {
+            "train": (train_annotations, train_images),
+            "val": (val_annotations, val_images),
+            "test": (test_annotations, test_images),
+        }
+        if synthetic_root is not None:
+            root = Path(synthetic_root)
+            for split, (annotations, images) in self.paths.items():
+                self.paths[split] = (
+                    annotations or str(root / "annotations" / f"instances_{split}.json"),
+                    images or str(root / "images" / split),
+                )
+        if not any(a for a, _ in self.paths.values()):
+            raise ValueError("CocoDetectionDataModule needs synthetic_root or at least one *_annotations file")
+        for split, (annotations, images) in self.paths.items():
+            if bool(annotations) != bool(images):
+                raise ValueError(f"{split}_annotations and {split}_images must be given together (got {annotations!r}, {images!r})")
+        self.datasets: dict[str, CocoDetection] = {}
+        self._categories: dict[int, str] | None = None
+
+    def prepare_data(self) -> None:
+        root = self.hparams.synthetic_root
+        if root is not None:
+            from grounding.data.synthetic import SyntheticConfig, ensure_synthetic
+
+            if self.hparams.synthetic is None and (Path(root) / "meta.json").exists():
+                return  # an existing dataset, whatever its settings: nothing asked for that could differ
+            ensure_synthetic(self.hparams.synthetic_root, SyntheticConfig(**(self.hparams.synthetic or {})))
+
+    @property
+    def categories(self) -> dict[int, str]:
+        """Category id -> name shared by all splits (an error names the files if they disagree)."""
+        if self._categories is None:
+            self.prepare_data()
+            found = {}
+            for split, (annotations, _) in self.paths.items():
+                if annotations and Path(annotations).exists():
+                    found[annotations] = read_categories(annotations)
+            if not found:
+                raise FileNotFoundError(f"none of the annotation files exists: {[a for a, _ in self.paths.values() if a]}")
+            (first, categories), *others = found.items()
+            for other, other_categories in others:
+                if other_categories != categories:
+                    raise ValueError(f"categories differ between {first} and {other}: a model's prompt must be the same for both")
+            self._categories = categories
+        return self._categories
+
+    def _dataset(self, split: str) -> CocoDetection:
+        if split not in self.datasets:
+            annotations, images = self.paths[split]
+            if not annotations:
+                raise ValueError(f"no {split} data: set {split}_annotations and {split}_images")
+            train = split == "train"
+            h = self.hparams
+            self.datasets[split] = CocoDetection(
+                annotations,
+                images,
+                detection_transforms(train, h.image_size, h.max_size, h.train_scales, h.flip_prob, h.crop_prob, h.crop_scale),
+                train=train,
+                return_masks=h.return_masks,
+                train_fraction=h.train_fraction if train else 1.0,
+                shots_per_category=h.shots_per_category if train else None,
+                subset_seed=h.subset_seed,
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        _ = self.categories  # validate early, before any model work
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in wanted.get(stage, ["train", "val", "test"]):
+            if self.paths[split][0]:
+                self._dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self._dataset(split),
+            batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
+            shuffle=shuffle,
+            num_workers=h.num_workers,
+            collate_fn=collate_detection,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,145 @@
+"""IMAGE LightningModule: masking only in training, schedule driven by the Trainer, loss goes down, AP export."""
+
+import contextlib
+import io
+import json
+
+import lightning as L
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from grounding.data.coco import collate_detection
+from grounding.data.datamodule import CocoDetectionDataModule
+from grounding.lightning.image_module import ImageGroundingModule
+from grounding.models.adaptive_masking import MaskingConfig
+from grounding.models.grounding_dino import feature_masking
+
+from ..conftest import TEST_MODEL_CONFIG
+
+
+def make_module(variant="rf_gam", **kwargs):
+    torch.manual_seed(0)
+    return ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG, masking=MaskingConfig(variant=variant), **kwargs)
+
+
+def datamodule(root, **kwargs):
+    settings = dict(synthetic_root=str(root), image_size=96, max_size=128, batch_size=4, num_workers=0, crop_prob=0.0)
+    settings.update(kwargs)
+    return CocoDetectionDataModule(**settings)
+
+
+def batch_of(root, split="val", size=3):
+    data = datamodule(root)
+    data.setup("validate" if split == "val" else "fit")
+    dataset = data.datasets[split]
+    return data, collate_detection([dataset[i] for i in range(size)])
+
+
+def test_evaluation_and_prediction_are_untouched_by_masking(synthetic_root):
+    data, batch = batch_of(synthetic_root)
+    masked, plain = make_module("rf_gam"), make_module("none")
+    plain.load_state_dict(masked.state_dict())
+    for module in (masked, plain):
+        module.set_categories(data.categories)
+        module.eval()
+    orig = torch.stack([t["orig_size"] for t in batch["targets"]])
+    a = masked.detect(batch["pixel_values"], batch["pixel_mask"], orig)
+    b = plain.detect(batch["pixel_values"], batch["pixel_mask"], orig)
+    for x, y in zip(a, b):
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"])
+    # and the masking context is a no-op on an evaluating masker, even inside a forward pass
+    with feature_masking(masked.detector, masked.masking, 0.5, batch["pixel_mask"]):
+        c = masked.detect(batch["pixel_values"], batch["pixel_mask"], orig)
+    assert all(torch.equal(x["scores"], z["scores"]) for x, z in zip(a, c))
+
+
+def test_training_masks_change_the_encoder_inputs_and_nothing_else(synthetic_root):
+    data, batch = batch_of(synthetic_root)
+    module = make_module("threshold")
+    module.set_categories(data.categories)
+    module.detector.eval()  # no dropout: differences come from the masks alone
+    module.masking.train()
+    seen = {}
+    encoder = module.detector.model.encoder
+
+    def capture(module, args, kwargs):  # the flattened maps entering the encoder: (B, sum of h*w, d_model)
+        seen["x"] = kwargs["vision_features"].clone()
+
+    handle = encoder.register_forward_pre_hook(capture, with_kwargs=True)
+    text = module._text_inputs(module.prompts[0], 3)
+    with torch.no_grad():
+        module.detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], **text)
+        unmasked = seen.pop("x")
+        with feature_masking(module.detector, module.masking, 0.0, batch["pixel_mask"]):
+            module.detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], **text)
+        masked = seen.pop("x")
+    handle.remove()
+    # threshold masks with k0 = 0.5 at p = 0: masked tokens are exactly halved, the others unchanged
+    masks = torch.cat([m.flatten(1) for _, m in sorted(module.masking.last_masks.items())], dim=1)  # (B, N)
+    ratio = (masked / unmasked.where(unmasked != 0, torch.ones_like(unmasked))).mean(-1)
+    assert torch.allclose(ratio[masks == 1], torch.tensor(0.5), atol=1e-4)
+    assert torch.allclose(masked[masks == 0], unmasked[masks == 0])
+    assert masks.sum() > 0
+    # hooks are gone after the block
+    assert all(len(p._forward_hooks) == 0 for p in module.detector.model.input_proj_vision)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses, self.ratios, self.progress = [], [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.ratios.append(dict(module.masking.last_ratios))
+        self.progress.append(module.global_step - 1)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    module = make_module("rf_gam", lr=5e-4)
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        max_epochs=8, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(folder, name="t"),
+        callbacks=[recorder], enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=0.1,
+        check_val_every_n_epoch=8, enable_model_summary=False,
+    )
+    data = datamodule(synthetic_root)
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    return trainer, module, recorder, metrics
+
+
+def test_tiny_training_lowers_the_loss(trained):
+    _, _, recorder, _ = trained
+    first, last = recorder.losses[:3], recorder.losses[-3:]
+    assert sum(last) / 3 < 0.7 * sum(first) / 3, recorder.losses
+
+
+def test_mask_ratio_follows_the_schedule_of_trainer_progress(trained):
+    trainer, module, recorder, _ = trained
+    total = trainer.estimated_stepping_batches
+    r0 = module.masking.config.r0
+    for step, ratios in zip(recorder.progress, recorder.ratios):
+        p = min(step / total, 1.0)
+        assert ratios == pytest.approx({level: r0[level] + 0.2 * p for level in range(len(r0))})
+    assert recorder.progress[-1] == total - 1
+
+
+def test_exported_predictions_give_the_logged_ap(trained, synthetic_root):
+    trainer, _, _, metrics = trained
+    exported = json.loads((trainer.log_dir and __import__("pathlib").Path(trainer.log_dir) / "predictions" / "val.json").read_text())
+    annotation_file = synthetic_root / "annotations" / "instances_val.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_file))
+        evaluator = COCOeval(gt, gt.loadRes(exported), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert metrics["val/AP"] == pytest.approx(max(evaluator.stats[0], 0), abs=1e-6)
+    assert metrics["val/AP50"] == pytest.approx(max(evaluator.stats[1], 0), abs=1e-6)
+    per_image = {}
+    for d in exported:
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+    assert sorted(per_image) == sorted(gt.getImgIds())
+    assert set(per_image.values()) == {30 * 6 if 30 * 6 < 300 else 300}  # top (query, category) pairs

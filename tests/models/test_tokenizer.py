@@ -1,0 +1,26 @@
+import pytest
+
+from grounding.models.tokenizer import BERT_SPECIAL_IDS, build_wordpiece_tokenizer, wordpiece_vocabulary
+
+
+def test_special_ids_sit_where_grounding_dino_expects_them(tmp_path):
+    tokenizer = build_wordpiece_tokenizer(tmp_path)
+    for token, index in {"[PAD]": 0, "[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}.items():
+        assert tokenizer.convert_tokens_to_ids(token) == index
+    ids = tokenizer("red circle . blue square ?")["input_ids"]
+    assert ids[0] == 101 and ids[-1] == 102 and ids[3] == 1012 and ids[-2] == 1029
+
+
+def test_any_lowercase_word_tokenizes_without_unknowns(tmp_path):
+    tokenizer = build_wordpiece_tokenizer(tmp_path)
+    tokens = tokenizer.tokenize("Zebra crossing 42")
+    assert "[UNK]" not in tokens
+    assert "".join(t.removeprefix("##") if t.startswith("##") else " " + t for t in tokens).strip() == "zebra crossing 42"
+    assert tokenizer.tokenize("red circle") == ["red", "circle"]  # whole words of the vocabulary stay whole
+
+
+def test_vocabulary_has_no_duplicates_and_keeps_every_special_id():
+    vocab = wordpiece_vocabulary()
+    assert len(vocab) == len(set(vocab))
+    for token, index in BERT_SPECIAL_IDS.items():
+        assert vocab[index] == token

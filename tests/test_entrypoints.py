@@ -1,0 +1,91 @@
+"""train.py / eval.py as a user runs them, and the same evaluation under DDP (2 CPU processes, gloo)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from .conftest import TEST_MODEL_CONFIG
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args, cwd):
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def common_args(root, save_dir):
+    return [
+        "--data.synthetic_root", str(root), "--data.image_size", "96", "--data.max_size", "128", "--data.num_workers", "0",
+        "--model.model_config", json.dumps(TEST_MODEL_CONFIG), "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def training_run(synthetic_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    summary = run(
+        "train.py", *common_args(synthetic_root, folder / "runs"), "--trainer.max_epochs", "2",
+        "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1", "--model.lr", "5e-4",
+        cwd=folder,
+    )
+    return folder, summary
+
+
+def test_train_writes_checkpoints_logs_and_predictions(training_run):
+    folder, summary = training_run
+    run_dir = Path(summary["run_dir"])
+    assert summary["steps"] == 2 * 3  # 12 training images, batch 4, 2 epochs
+    assert set(summary["untrained"]) == set(summary["trained"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["val.json", "val_epoch000.json", "val_epoch001.json"]
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "val/AP", "val/AP50", "mask/strength_k"} <= scalars
+    assert {f"mask/ratio_level{level}" for level in range(4)} <= scalars
+    assert {"val/predictions"} | {f"mask/level{level}" for level in range(4)} <= images
+    strengths = [e.value for e in events.Scalars("mask/strength_k")]
+    assert strengths[0] == pytest.approx(0.5) and strengths == sorted(strengths, reverse=True)  # k decays
+
+
+def test_eval_of_the_checkpoint_reproduces_the_final_validation(training_run, synthetic_root):
+    folder, summary = training_run
+    run_dir = Path(summary["run_dir"])
+    metrics = run(
+        "eval.py", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+        "--trainer.logger.init_args.save_dir", str(folder / "eval"), cwd=folder,
+    )
+    for name, value in summary["trained"].items():
+        assert metrics[name] == pytest.approx(value, abs=1e-4)
+
+
+def test_ddp_evaluation_on_two_processes_equals_one(training_run, synthetic_root):
+    folder, summary = training_run
+    checkpoint = str(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt")
+    results = {}
+    for devices in (1, 2):
+        out = run(
+            "eval.py", *common_args(synthetic_root, folder / f"ddp{devices}"), "--ckpt_path", checkpoint,
+            "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+            "--data.eval_batch_size", "2", cwd=folder,
+        )
+        predictions = json.loads((Path(out["run_dir"]) / "predictions" / "val.json").read_text())
+        results[devices] = (out, predictions)
+    (one, p1), (two, p2) = results[1], results[2]
+    for name in ("AP", "AP50", "AP75", "AR100"):
+        assert two[name] == pytest.approx(one[name], abs=1e-6)
+    # 5 validation images over 2 processes: the sampler repeats one; it must be counted once, none missing
+    by_image = lambda preds: {i: sorted((round(d["score"], 5), d["category_id"]) for d in preds if d["image_id"] == i) for i in {d["image_id"] for d in preds}}
+    assert len(p2) == len(p1) and by_image(p2).keys() == by_image(p1).keys() and len(by_image(p1)) == 5
+    assert by_image(p2) == by_image(p1)
