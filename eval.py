@@ -20,8 +20,9 @@ def main(args: list[str] | None = None) -> dict:
         metrics = metrics_line("test/", trainer.test(model, datamodule=data, ckpt_path=cli.config.ckpt_path, verbose=False))
     else:
         raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
+    run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
     if trainer.is_global_zero:
-        print_json({"split": split, **metrics, "run_dir": trainer.log_dir})
+        print_json({"split": split, **metrics, "run_dir": run_dir})
     return metrics
 
 

@@ -19,7 +19,8 @@ def main(args: list[str] | None = None) -> dict:
         before = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False))
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
     after = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False))
-    summary = {"untrained": before, "trained": after, "run_dir": trainer.log_dir, "steps": trainer.global_step}
+    run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    summary = {"untrained": before, "trained": after, "run_dir": run_dir, "steps": trainer.global_step}
     if trainer.is_global_zero:
         print_json(summary)
     return summary

@@ -85,7 +85,15 @@ def test_ddp_evaluation_on_two_processes_equals_one(training_run, synthetic_root
     (one, p1), (two, p2) = results[1], results[2]
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert two[name] == pytest.approx(one[name], abs=1e-6)
-    # 5 validation images over 2 processes: the sampler repeats one; it must be counted once, none missing
-    by_image = lambda preds: {i: sorted((round(d["score"], 5), d["category_id"]) for d in preds if d["image_id"] == i) for i in {d["image_id"] for d in preds}}
-    assert len(p2) == len(p1) and by_image(p2).keys() == by_image(p1).keys() and len(by_image(p1)) == 5
-    assert by_image(p2) == by_image(p1)
+    # 5 validation images over 2 processes: the sampler repeats one; it must be counted once, none missing.
+    # Per image and category the same scores (to float noise: batches are composed differently).
+    def by_image(predictions):
+        grouped = {}
+        for d in predictions:
+            grouped.setdefault((d["image_id"], d["category_id"]), []).append(d["score"])
+        return {key: sorted(scores) for key, scores in grouped.items()}
+
+    g1, g2 = by_image(p1), by_image(p2)
+    assert len(p2) == len(p1) and g2.keys() == g1.keys() and len({i for i, _ in g1}) == 5
+    for key in g1:
+        assert g2[key] == pytest.approx(g1[key], abs=1e-4)

@@ -203,8 +203,9 @@ class ImageGroundingModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"{split}/{name}", value, rank_zero_only=True)
         image_ids, results = metric.last_results
-        if self.trainer.is_global_zero and self.trainer.log_dir and not self.trainer.sanity_checking:
-            folder = Path(self.trainer.log_dir) / "predictions"
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
+        if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
+            folder = Path(log_dir) / "predictions"
             name = f"{split}_epoch{self.current_epoch:03d}.json" if split == "val" and self.trainer.state.fn == "fit" else f"{split}.json"
             write_json_atomic(folder / name, results)
         log.info("%s: %d images, %d detections, AP %.4f AP50 %.4f", split, len(image_ids), len(results), values["AP"], values["AP50"])
@@ -217,7 +218,7 @@ class ImageGroundingModule(L.LightningModule):
         self._finish_evaluation("test")
 
     # ----------------------------------------------------------------------------------------- logging
-    def _log_images(self, batch: dict, detection: dict, score_threshold: float = 0.3) -> None:
+    def _log_images(self, batch: dict, detection: dict, top: int = 8) -> None:
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
             return
@@ -226,7 +227,7 @@ class ImageGroundingModule(L.LightningModule):
         image = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
         image = (image.clamp(0, 1) * 255).to(torch.uint8)
         orig_h, orig_w = batch["targets"][0]["orig_size"].tolist()
-        keep = detection["scores"].cpu() >= score_threshold
+        keep = torch.arange(len(detection["scores"])) < top  # detections come sorted by score
         boxes = box_convert(detection["boxes"].cpu()[keep], "xywh", "xyxy") * torch.tensor([width / orig_w, height / orig_h] * 2)
         names = [f"{self.categories[int(c)]} {s:.2f}" for c, s in zip(detection["category_ids"].cpu()[keep], detection["scores"].cpu()[keep])]
         drawn = draw_bounding_boxes(image, boxes, labels=names, colors="yellow")

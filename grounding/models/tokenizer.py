@@ -24,7 +24,7 @@ DEFAULT_WORDS = (
     "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "gray", "pink", "brown",
     "circle", "square", "triangle", "star", "diamond", "rectangle", "ellipse", "cross", "hexagon", "ring",
     # words of referring expressions
-    "the", "a", "an", "of", "on", "at", "in", "to", "and", "with", "left", "right", "top", "bottom",
+    "the", "a", "an", "of", "on", "at", "in", "to", "and", "with", "from", "image", "left", "right", "top", "bottom",
     "middle", "center", "centre", "upper", "lower", "small", "large", "big", "little", "smallest",
     "largest", "biggest", "one", "two", "three", "other", "object", "shape", "photo", "side", "corner",
     "first", "second", "third", "leftmost", "rightmost", "topmost",
