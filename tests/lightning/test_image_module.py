@@ -143,3 +143,20 @@ def test_exported_predictions_give_the_logged_ap(trained, synthetic_root):
         per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
     assert sorted(per_image) == sorted(gt.getImgIds())
     assert set(per_image.values()) == {30 * 6 if 30 * 6 < 300 else 300}  # top (query, category) pairs
+
+
+def test_bf16_mixed_precision_trains_through_the_trainer(synthetic_root):
+    module = make_module("rf_gam")
+    before = {n: p.detach().clone() for n, p in module.detector.named_parameters() if p.requires_grad}
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        max_steps=2, precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False,
+        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=datamodule(synthetic_root))
+    assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
+    changed = [n for n, p in module.detector.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) > 0.9 * len(before)
+    assert set(module.masking.last_masks) == {0, 1, 2, 3}
+    # RF-GAM masks are normalized by their maximum: exactly 1 at the peak, also under bf16 autocast
+    assert all(m.max() == 1 and m.min() >= 0 for m in module.masking.last_masks.values())
