@@ -27,7 +27,7 @@ from grounding.models.tokenizer import build_wordpiece_tokenizer, load_tokenizer
 #: the random demo / test model: Swin embed 32, d_model 64, two-stage with auxiliary losses.
 TINY_CONFIG: dict[str, Any] = {
     "backbone_config": {
-        "embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [2, 2, 4, 4], "window_size": 5,
+        "embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [2, 2, 4, 4], "window_size": 4,
         "out_features": ["stage2", "stage3", "stage4"],
     },
     "text_config": {
