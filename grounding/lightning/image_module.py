@@ -11,6 +11,7 @@ JSON in the run folder.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -38,7 +39,9 @@ class ImageGroundingModule(L.LightningModule):
             progressive, tau, max_tokens); ``variant: none`` trains the plain detector.
         lr, lr_backbone, lr_text_encoder, weight_decay: AdamW groups (SPEC §1: 1e-4, 1e-5, 1e-5, 1e-4).
         freeze_text_encoder: keep BERT frozen (SPEC default).
-        lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs.
+        lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs (``lr_schedule: step``).
+        lr_schedule: ``step`` (the SPEC's step decay; constant without ``lr_drop_epochs``) or ``cosine``
+            (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).
         num_detections: detections kept per image at evaluation (top (query, category) pairs).
         log_images: log an image with its predicted boxes and the masks of each level at each validation.
     """
@@ -55,6 +58,8 @@ class ImageGroundingModule(L.LightningModule):
         freeze_text_encoder: bool = True,
         lr_drop_epochs: list[int] | None = None,
         lr_drop_factor: float = 0.1,
+        lr_schedule: str = "step",
+        lr_min_factor: float = 0.01,
         num_detections: int = 300,
         log_images: bool = True,
     ):
@@ -86,6 +91,17 @@ class ImageGroundingModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         optimizer = torch.optim.AdamW(parameter_groups(self.detector, h.lr, h.lr_backbone, h.lr_text_encoder, h.weight_decay))
+        if h.lr_schedule == "cosine":
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            floor = h.lr_min_factor
+
+            def factor(step: int) -> float:
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if h.lr_schedule != "step":
+            raise ValueError(f"model.lr_schedule must be 'step' or 'cosine', got {h.lr_schedule!r}")
         if not h.lr_drop_epochs:
             return optimizer
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(h.lr_drop_epochs), gamma=h.lr_drop_factor)

@@ -160,3 +160,33 @@ def test_bf16_mixed_precision_trains_through_the_trainer(synthetic_root):
     assert set(module.masking.last_masks) == {0, 1, 2, 3}
     # RF-GAM masks are normalized by their maximum: exactly 1 at the peak, also under bf16 autocast
     assert all(m.max() == 1 and m.min() >= 0 for m in module.masking.last_masks.values())
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def test_cosine_schedule_decays_every_group_per_step(synthetic_root):
+    import math
+
+    module = make_module("none", lr=1e-3, lr_backbone=1e-4, lr_schedule="cosine", lr_min_factor=0.1)
+    recorder = LearningRates()
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=datamodule(synthetic_root))
+    for step, rates in enumerate(recorder.rates):
+        factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 3))
+        assert rates == pytest.approx([1e-4 * factor, 1e-3 * factor])  # backbone group, then the rest
+
+
+def test_unknown_lr_schedule_is_a_clear_error(synthetic_root):
+    module = make_module("none", lr_schedule="linear")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"model.lr_schedule must be 'step' or 'cosine', got 'linear'"):
+        trainer.fit(module, datamodule=datamodule(synthetic_root))
