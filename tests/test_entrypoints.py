@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from .conftest import TEST_MODEL_CONFIG
@@ -47,7 +48,10 @@ def test_train_writes_checkpoints_logs_and_predictions(training_run):
     run_dir = Path(summary["run_dir"])
     assert summary["steps"] == 2 * 3  # 12 training images, batch 4, 2 epochs
     assert set(summary["untrained"]) == set(summary["trained"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == summary["steps"]  # the latest weights, whether or not AP improved
+    assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) == 1  # and the best one
     assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["val.json", "val_epoch000.json", "val_epoch001.json"]
     events = EventAccumulator(str(run_dir))
     events.Reload()
