@@ -65,6 +65,10 @@ class ImageGroundingModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if lr_schedule not in ("step", "cosine"):
+            raise ValueError(f"model.lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
+        if lr_schedule == "cosine" and lr_drop_epochs:
+            raise ValueError(f"model.lr_drop_epochs={lr_drop_epochs} has no effect with model.lr_schedule=cosine; set one or the other")
         self.detector, self.tokenizer = build_grounding_dino(model, model_config)
         if freeze_text_encoder:
             self.detector.model.text_backbone.requires_grad_(False)
@@ -100,8 +104,6 @@ class ImageGroundingModule(L.LightningModule):
 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        if h.lr_schedule != "step":
-            raise ValueError(f"model.lr_schedule must be 'step' or 'cosine', got {h.lr_schedule!r}")
         if not h.lr_drop_epochs:
             return optimizer
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(h.lr_drop_epochs), gamma=h.lr_drop_factor)
@@ -243,9 +245,9 @@ class ImageGroundingModule(L.LightningModule):
         image = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
         image = (image.clamp(0, 1) * 255).to(torch.uint8)
         orig_h, orig_w = batch["targets"][0]["orig_size"].tolist()
-        keep = torch.arange(len(detection["scores"])) < top  # detections come sorted by score
-        boxes = box_convert(detection["boxes"].cpu()[keep], "xywh", "xyxy") * torch.tensor([width / orig_w, height / orig_h] * 2)
-        names = [f"{self.categories[int(c)]} {s:.2f}" for c, s in zip(detection["category_ids"].cpu()[keep], detection["scores"].cpu()[keep])]
+        # detections come sorted by score
+        boxes = box_convert(detection["boxes"][:top].cpu(), "xywh", "xyxy") * torch.tensor([width / orig_w, height / orig_h] * 2)
+        names = [f"{self.categories[int(c)]} {s:.2f}" for c, s in zip(detection["category_ids"][:top].tolist(), detection["scores"][:top].tolist())]
         drawn = draw_bounding_boxes(image, boxes, labels=names, colors="yellow")
         experiment.add_image("val/predictions", drawn, self.global_step)
         for level, mask in sorted(self.masking.last_masks.items()):
