@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,27 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MB = 1e6
+from common import MB, PeakMemory  # noqa: E402
+
 CHUNK_SIZE = 1024
 POOLED_MAX_TOKENS = 1024
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field))
-    except (OSError, StopIteration):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -78,23 +62,13 @@ def worker(args: argparse.Namespace) -> dict:
         return out
 
     importance_prior(torch.randn(1, args.dim, 8, 8, device=device))  # load kernels, thread pools
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        exact = _reset_peak_rss()
-        base_kib = _status_kib("VmRSS:") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = PeakMemory(device.type).start()
 
     start = time.perf_counter()
     imp = run()
     times = [time.perf_counter() - start]
 
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak_kib = _status_kib("VmHWM:") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = (peak_kib - base_kib) * 1024
+    peak = memory.peak_mb() * MB
 
     for _ in range(args.repeats - 1):
         start = time.perf_counter()

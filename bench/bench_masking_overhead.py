@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PeakMemory  # noqa: E402
 
 from grounding.data.prompts import build_prompts  # noqa: E402
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig  # noqa: E402
@@ -87,16 +89,10 @@ def peak_memory_mb(s: dict, device: str, variant: str) -> float:
     model, optimizer, inputs = build(s, device)
     masker = AdaptiveMasking(MaskingConfig(variant=variant)).train()
     train_step(model, optimizer, AdaptiveMasking(MaskingConfig(variant="none")), inputs, device)  # optimizer state exists
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    memory = PeakMemory(device).start()
     for _ in range(2):
         train_step(model, optimizer, masker, inputs, device)
-    if device == "cuda":
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return memory.peak_mb()
 
 
 def main() -> None:

@@ -7,8 +7,11 @@ Trainer setting (``--trainer.*``) is a command-line flag and a YAML key; ``--con
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from grounding.data.datamodule import CocoDetectionDataModule
@@ -37,6 +40,45 @@ def image_cli(args: list[str] | None = None) -> GroundingCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_config_files": defaults},
+    )
+
+
+def _config_files(args: list[str] | None) -> list[Path]:
+    args = sys.argv[1:] if args is None else args
+    files = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return files
+
+
+def names_its_classes(args: list[str] | None) -> bool:
+    """Does a ``--config`` file give the model as ``class_path`` (any method) rather than IMAGE's settings?"""
+    for path in _config_files(args):
+        if not path.is_file():
+            continue  # LightningCLI reports the missing file
+        with open(path, encoding="utf-8") as stream:
+            content = yaml.safe_load(stream)
+        if isinstance(content, dict) and isinstance(content.get("model"), dict) and "class_path" in content["model"]:
+            return True
+    return False
+
+
+def grounding_cli(args: list[str] | None = None) -> GroundingCLI:
+    """The command line of any method: configs that name their model and data classes (``class_path``,
+    e.g. ``configs/maskinversion/*.yaml``) select them; otherwise IMAGE (``image_cli``)."""
+    if not names_its_classes(args):
+        return image_cli(args)
+    return GroundingCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
     )
 
 

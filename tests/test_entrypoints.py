@@ -101,3 +101,37 @@ def test_ddp_evaluation_on_two_processes_equals_one(training_run, synthetic_root
     assert len(p2) == len(p1) and g2.keys() == g1.keys() and len({i for i, _ in g1}) == 5
     for key in g1:
         assert g2[key] == pytest.approx(g1[key], abs=1e-4)
+
+
+MI_BACKBONE = {"vision_config": {"num_hidden_layers": 2, "image_size": 64}, "text_config": {"num_hidden_layers": 1}}
+
+
+def maskinversion_args(root, save_dir):
+    return [
+        "--config", str(REPO / "configs" / "maskinversion" / "synthetic.yaml"),
+        "--data.init_args.synthetic_root", str(root), "--model.init_args.image_size", "64",
+        "--model.init_args.backbone_config", json.dumps(MI_BACKBONE), "--model.init_args.iterations", "3",
+        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu",
+    ]
+
+
+def test_maskinversion_eval_on_two_processes_equals_one(synthetic_root, tmp_path):
+    results = {}
+    for devices in (1, 2):
+        out = run(
+            "eval.py", *maskinversion_args(synthetic_root, tmp_path / f"mi{devices}"), "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path,
+        )
+        saved = torch.load(Path(out["run_dir"]) / "predictions" / "maskinversion_val.pt", weights_only=False)
+        results[devices] = (out, saved)
+    (one, s1), (two, s2) = results[1], results[2]
+    assert one["split"] == "val"
+    assert {f"acc1_{m}" for m in ("maskinversion", "global", "crop", "masked_crop", "red_circle")} <= set(one)
+    for name, value in one.items():
+        if name.startswith("acc1_") or name == "regions":
+            assert two[name] == pytest.approx(value, abs=1e-6), name
+    # 5 validation images over 2 processes: the sampler repeats one; each region is saved once, none missing
+    assert sorted(s2["keys"]) == sorted(s1["keys"]) and len(s1["keys"]) == one["regions"]
+    order = [s2["keys"].index(k) for k in s1["keys"]]
+    torch.testing.assert_close(s2["embeddings"][order], s1["embeddings"], rtol=1e-4, atol=1e-5)

@@ -100,7 +100,11 @@ def _unique_ids(entries: list[dict], what: str, path: Path) -> None:
 def read_categories(path: str | Path) -> dict[int, str]:
     """Category id -> cleaned name of an instances file, in file order; errors name the file and id."""
     path = Path(path)
-    data = _read_json(path)
+    return categories_of(_read_json(path), path)
+
+
+def categories_of(data: dict, path: Path) -> dict[int, str]:
+    """Category id -> cleaned name of a parsed instances file (``path`` names it in errors)."""
     _unique_ids(data["categories"], "category", path)
     try:
         return {int(c["id"]): clean_category_name(c["id"], c.get("name")) for c in data["categories"]}

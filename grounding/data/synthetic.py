@@ -23,6 +23,10 @@ On-disk layout written by :func:`generate`::
                                                            (relative to DIR/images)
       refcoco/refs(synthetic).p                            RefCOCO-style refs, list of dicts
       refs_{train,val,test}.json                           the refs of one split as JSON
+      phrasecut/refer_{train,val,test}.json                PhraseCut-style tasks (see
+                                                           :func:`phrasecut_tasks`); images are
+                                                           images/<split>/{image_id:06d}.jpg
+      phrasecut/image_data_{train,val,test}.json           [{"image_id", "width", "height"}, ...]
       meta.json                                            settings, version, counts (written last)
 
 Image ids run 1..N over train, then val, then test; annotation, ref and sentence ids are unique
@@ -291,6 +295,12 @@ def refs_json_path(root: str | Path, split: str) -> Path:
 def refcoco_dir(root: str | Path) -> Path:
     """Return ``root/refcoco`` (``instances.json`` and ``refs(synthetic).p``; images under root/images)."""
     return Path(root) / "refcoco"
+
+
+def phrasecut_dir(root: str | Path) -> Path:
+    """Return ``root/phrasecut`` (``refer_<split>.json``, ``image_data_<split>.json``; images under
+    root/images/<split>, named ``{image_id:06d}.<image_format>``)."""
+    return Path(root) / "phrasecut"
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,6 +884,30 @@ def _write_split(
     return images, annotations, refs
 
 
+def phrasecut_tasks(annotations: list[dict], refs: list[dict]) -> list[dict]:
+    """Return the PhraseCut-style tasks of one split: one per ref whose object is unoccluded.
+
+    Each task is ``{"task_id": "<image_id>__<ann_id>", "image_id", "phrase": the ref's first
+    sentence, "instance_boxes": [[x, y, w, h]], "Polygons": [[[[x, y], ...]]]}`` (one instance,
+    its polygon as points). Occluded objects (RLE segmentation, no polygon) get no task.
+    """
+    by_id = {ann["id"]: ann for ann in annotations}
+    tasks = []
+    for ref in refs:
+        ann = by_id[ref["ann_id"]]
+        if not isinstance(ann["segmentation"], list):
+            continue
+        polygons = [[[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)] for flat in ann["segmentation"]]
+        tasks.append({
+            "task_id": f"{ref['image_id']}__{ann['id']}",
+            "image_id": ref["image_id"],
+            "phrase": ref["sentences"][0]["sent"],
+            "instance_boxes": [list(ann["bbox"])],
+            "Polygons": [polygons],
+        })
+    return tasks
+
+
 def _coco_document(config: SyntheticConfig, images: list, annotations: list, description: str) -> dict:
     """Return a COCO instances document (fixed info, no timestamps, so files are reproducible)."""
     return {
@@ -903,6 +937,9 @@ def _write_dataset(root: Path, config: SyntheticConfig) -> dict[str, Any]:
         _write_json(instances_path(root, split),
                     _coco_document(config, images, annotations, f"synthetic shapes, {split} split"))
         _write_json(refs_json_path(root, split), refs)
+        _write_json(phrasecut_dir(root) / f"refer_{split}.json", phrasecut_tasks(annotations, refs))
+        _write_json(phrasecut_dir(root) / f"image_data_{split}.json",
+                    [{"image_id": i["id"], "width": i["width"], "height": i["height"]} for i in images])
         all_images += [{**image, "file_name": f"{split}/{image['file_name']}"} for image in images]
         all_annotations += annotations
         all_refs += refs

@@ -14,7 +14,6 @@ one training forward pass, so no model code is copied and nothing changes outsid
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from torch import nn
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
 
 from grounding.models.tokenizer import build_wordpiece_tokenizer, load_tokenizer, wordpiece_vocabulary
+from grounding.utils import merge_nested
 
 #: the random demo / test model: Swin embed 32, d_model 64, two-stage with auxiliary losses.
 TINY_CONFIG: dict[str, Any] = {
@@ -40,19 +40,9 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def tiny_grounding_dino_config(vocab_size: int, overrides: dict | None = None) -> GroundingDinoConfig:
     """``TINY_CONFIG`` with ``overrides`` merged in (nested dicts merge key by key)."""
-    settings = _merge(TINY_CONFIG, overrides or {})
+    settings = merge_nested(TINY_CONFIG, overrides or {})
     backbone = SwinConfig(**settings.pop("backbone_config"))
     text = BertConfig(vocab_size=vocab_size, **settings.pop("text_config"))
     if settings["d_model"] % 32:

@@ -1,0 +1,283 @@
+"""MaskInversion under the Trainer: localized embeddings per region, retrieval protocols and baselines.
+
+``test_step`` / ``predict_step`` take a batch of ``RegionDataModule`` samples (one image with its region
+masks each) and embed every region with each method of ``methods``:
+
+- ``maskinversion``: the LETs of ``grounding.models.maskinversion.MaskInversion`` (SPEC §3);
+- ``global``: the image's global CLIP embedding (the same for all its regions);
+- ``crop``: CLIP embedding of the crop to the mask's box;
+- ``masked_crop``: the same crop with the pixels outside the mask set to the CLIP mean colour;
+- ``red_circle``: the whole image with a red ellipse drawn around the region.
+
+Protocols (Acc@1, SPEC §3): ``class`` — cosine with "a photo of a {class}." for every class of the
+dataset (``RegionDataModule.class_names``), right when the top-1 class is the region's; ``referring`` —
+cosine with every referring expression of the image, right when the top-1 is one of the region's own.
+Metrics are logged as ``test/acc1_<method>`` (torchmetrics, gathered across processes, regions repeated by
+the distributed sampler counted once). The LETs (and the baselines' embeddings) are written to
+``RUN/predictions/maskinversion_<split>.pt``: ``{"keys": ["<image_id>/<region_id>", ...], "image_ids",
+"region_ids", "embeddings": (R, P) LETs, "baselines": {method: (R, P)}, "settings": {...}}``, loadable
+with ``torch.load`` for downstream use (captioning, retrieval). TensorBoard gets, for the first
+``log_regions`` regions, the image, the mask and the LeGrad map before and after the inversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from grounding.data.region_views import crop_view, masked_crop_view, red_circle_view
+from grounding.metrics.retrieval import RetrievalAccuracy, region_key, top1_correct
+from grounding.models.clip import build_clip
+from grounding.models.maskinversion import MaskInversion
+
+log = logging.getLogger(__name__)
+
+METHODS = ("maskinversion", "global", "crop", "masked_crop", "red_circle")
+PROTOCOLS = ("class", "referring")
+
+
+def save_atomic(path: Path, payload: object) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a partial file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class MaskInversionModule(L.LightningModule):
+    """Region embeddings by MaskInversion and baselines, evaluated by retrieval.
+
+    Args:
+        backbone: ``"tiny"`` (random tiny CLIP, offline tokenizer), ``"vit-b16-random"``, or a hub id /
+            local folder of a CLIP checkpoint in HF format (``openai/clip-vit-base-patch16``, LAION, MetaCLIP).
+        backbone_config: config overrides of the random backbones.
+        image_size: CLIP input size (position embeddings resampled; SPEC: 448).
+        antialias: antialiased bicubic resampling of the position embeddings (SPEC), else transformers' plain one.
+        protocol: ``class`` or ``referring`` retrieval.
+        methods: which of maskinversion, global, crop, masked_crop, red_circle to run.
+        iterations, lr, weight_decay, optimizer, mode, layers, chunk_size: MaskInversion settings.
+        alpha: the regularizer's weight; None = the protocol's default (0 for class, 5 for referring).
+        template: class prompt, ``{}`` is replaced by the class name.
+        crop_margin: box margin of the crop baselines (fraction of the box size on each side).
+        save_predictions: write the embeddings file at the end of test / predict.
+        log_regions: regions per evaluation whose maps go to TensorBoard.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        backbone_config: dict | None = None,
+        image_size: int = 448,
+        antialias: bool = True,
+        protocol: str = "class",
+        methods: list[str] | None = None,
+        iterations: int = 10,
+        lr: float = 0.5,
+        alpha: float | None = None,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        mode: str = "decomposed",
+        layers: list[int] | None = None,
+        chunk_size: int = 16,
+        template: str = "a photo of a {}.",
+        crop_margin: float = 0.0,
+        save_predictions: bool = True,
+        log_regions: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        methods = list(METHODS if methods is None else methods)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"model.methods must be a non-empty list of {METHODS}, got {methods}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"model.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if "{}" not in template:
+            raise ValueError(f"model.template must contain '{{}}' for the class name, got {template!r}")
+        self.methods = methods
+        self.backbone = build_clip(backbone, image_size=image_size, antialias=antialias, overrides=backbone_config)
+        self.alpha = (5.0 if protocol == "referring" else 0.0) if alpha is None else float(alpha)
+        self.inverter = MaskInversion(
+            self.backbone, iterations=iterations, lr=lr, alpha=self.alpha, weight_decay=weight_decay,
+            optimizer=optimizer, mode=mode, layers=layers or [-1], chunk_size=chunk_size,
+        )
+        self.metrics = torch.nn.ModuleDict({m: RetrievalAccuracy() for m in methods})
+        self.class_names: list[str] = []
+        self._class_text: torch.Tensor | None = None
+        self._outputs: list[dict] = []
+        self._logged = 0
+
+    # ------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.hparams.protocol == "class" and datamodule is not None:
+            self.set_classes(list(datamodule.class_names))
+
+    def set_classes(self, class_names: list[str]) -> None:
+        """The class list of the class-retrieval protocol."""
+        if not class_names:
+            raise ValueError("class retrieval needs the dataset's class names; the data module gave none")
+        self.class_names = list(class_names)
+        self._class_text = None
+
+    def _class_embeddings(self) -> torch.Tensor:
+        if self._class_text is None or self._class_text.device != self.device:
+            prompts = [self.hparams.template.format(name) for name in self.class_names]
+            with torch.no_grad():
+                self._class_text = self.backbone.encode_text(prompts)
+        return self._class_text
+
+    # ------------------------------------------------------------------------------------- embedding
+    def _embed_views(self, views: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone.encode_image(self.backbone.preprocess([v.to(self.device) for v in views]))
+
+    def embed_regions(self, image: torch.Tensor, masks: torch.Tensor, want_maps: bool = False) -> tuple[dict, object]:
+        """{method: (R, P) embeddings} of the regions ``masks`` (R, H, W) of ``image`` (3, H, W)."""
+        out, inversion = {}, None
+        count = masks.shape[0]
+        margin = self.hparams.crop_margin
+        if "maskinversion" in self.methods:
+            inversion = self.inverter(image, masks, return_maps=want_maps)
+            out["maskinversion"] = inversion.embeddings
+        if "global" in self.methods:
+            out["global"] = self._embed_views([image]).expand(count, -1)
+        if "crop" in self.methods:
+            out["crop"] = self._embed_views([crop_view(image, m, margin) for m in masks])
+        if "masked_crop" in self.methods:
+            out["masked_crop"] = self._embed_views([masked_crop_view(image, m, margin) for m in masks])
+        if "red_circle" in self.methods:
+            out["red_circle"] = self._embed_views([red_circle_view(image, m) for m in masks])
+        return out, inversion
+
+    def _targets(self, sample: dict) -> tuple[list[int], torch.Tensor | None, list[list[int]]]:
+        """Indices of the regions that the protocol can score, the candidate text embeddings, the right
+        candidates of each scored region."""
+        if self.hparams.protocol == "class":
+            index = {name: i for i, name in enumerate(self.class_names)}
+            rows = [r for r, name in enumerate(sample["class_names"]) if name in index]
+            missing = {n for n in sample["class_names"] if n is not None and n not in index}
+            if missing:
+                log.warning("image %s: classes %s are not in the class list; those regions are not scored", sample["image_id"], sorted(missing))
+            return rows, self._class_embeddings(), [[index[sample["class_names"][r]]] for r in rows]
+        candidates = sorted({e for expressions in sample["expressions"] for e in expressions})
+        if not candidates:
+            return [], None, []
+        position = {e: i for i, e in enumerate(candidates)}
+        rows = [r for r, expressions in enumerate(sample["expressions"]) if expressions]
+        with torch.no_grad():
+            text = self.backbone.encode_text(candidates)
+        return rows, text, [[position[e] for e in sample["expressions"][r]] for r in rows]
+
+    def _process(self, batch: list[dict]) -> list[dict]:
+        results = []
+        for sample in batch:
+            masks = sample["masks"]
+            if masks.shape[0] == 0:
+                continue
+            want_maps = self._logged < self.hparams.log_regions and "maskinversion" in self.methods
+            embeddings, inversion = self.embed_regions(sample["image"], masks, want_maps)
+            keys = [region_key(sample["image_id"], r) for r in sample["region_ids"]]
+            rows, candidates, targets = self._targets(sample)
+            if rows:
+                row_index = torch.tensor(rows, dtype=torch.long)
+                for method, values in embeddings.items():
+                    correct = top1_correct(values[row_index.to(values.device)], candidates, targets)
+                    self.metrics[method].update([keys[r] for r in rows], correct.to(self.device))
+            if want_maps and inversion is not None and inversion.maps is not None:
+                self._log_maps(sample, inversion)
+            results.append({
+                "image_id": sample["image_id"], "region_ids": list(sample["region_ids"]),
+                "embeddings": {m: v.detach().float().cpu() for m, v in embeddings.items()},
+            })
+        self._outputs.extend(results)
+        return results
+
+    # ------------------------------------------------------------------------------------- loops
+    def on_test_epoch_start(self) -> None:
+        self._outputs, self._logged = [], 0
+
+    on_predict_epoch_start = on_test_epoch_start
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> None:
+        self._process(batch)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        return self._process(batch)
+
+    def on_test_epoch_end(self) -> None:
+        for method, metric in self.metrics.items():
+            value = metric.compute()
+            self.log(f"test/acc1_{method}", value, rank_zero_only=True)
+            log.info("Acc@1 %s: %.4f over %d regions", method, float(value), metric.last_count)
+            if method == self.methods[0]:
+                self.log("test/regions", float(metric.last_count), rank_zero_only=True)
+            metric.reset()
+        self._write_predictions("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._write_predictions("predict")
+
+    def _gather_outputs(self) -> list[dict]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, self._outputs)
+            return [item for part in gathered for item in part]
+        return list(self._outputs)
+
+    def _write_predictions(self, stage: str) -> None:
+        outputs = self._gather_outputs()  # a collective call under DDP: every rank makes it
+        log_dir = self.trainer.log_dir  # likewise
+        if not self.hparams.save_predictions or not self.trainer.is_global_zero or not log_dir:
+            return
+        keys, image_ids, region_ids, rows = [], [], [], {m: [] for m in self.methods}
+        seen = set()
+        for output in outputs:
+            for index, region in enumerate(output["region_ids"]):
+                key = f"{output['image_id']}/{region}"
+                if key in seen:  # a copy from the distributed sampler's padding
+                    continue
+                seen.add(key)
+                keys.append(key)
+                image_ids.append(output["image_id"])
+                region_ids.append(region)
+                for method in self.methods:
+                    rows[method].append(output["embeddings"][method][index])
+        stacked = {m: torch.stack(v) if v else torch.zeros(0, self.backbone.embed_dim) for m, v in rows.items()}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        split = getattr(getattr(datamodule, "hparams", None), "split", stage) if datamodule is not None else stage
+        payload = {
+            "keys": keys, "image_ids": image_ids, "region_ids": region_ids,
+            "embeddings": stacked.get("maskinversion"),
+            "baselines": {m: v for m, v in stacked.items() if m != "maskinversion"},
+            "settings": dict(self.hparams),
+        }
+        path = Path(log_dir) / "predictions" / f"maskinversion_{split}.pt"
+        save_atomic(path, payload)
+        log.info("wrote %d region embeddings to %s", len(keys), path)
+
+    # ------------------------------------------------------------------------------------- logging
+    def _log_maps(self, sample: dict, inversion) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
+            return
+        image = sample["image"].float().cpu() / 255.0
+        for r in range(min(sample["masks"].shape[0], self.hparams.log_regions - self._logged)):
+            mask = sample["masks"][r].float().cpu()
+            before = inversion.initial_maps[r].float().cpu()
+            after = inversion.maps[r].float().cpu()
+            panels = [image, mask.expand(3, -1, -1), before.expand(3, -1, -1), after.expand(3, -1, -1)]
+            tag = f"maskinversion/{sample['image_id']}_{sample['region_ids'][r]}"
+            experiment.add_image(tag, torch.cat(panels, dim=2).clamp(0, 1), self._logged)
+            self._logged += 1
