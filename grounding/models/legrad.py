@@ -275,7 +275,7 @@ def legrad(
     image_index = torch.as_tensor(image_index, dtype=torch.long).cpu()
     if image_index.numel() != count or (image_index < 0).any() or (image_index >= images).any():
         raise ValueError(f"image_index must give an image in [0, {images}) for each of the {count} queries")
-    queries = F.normalize(queries.to(pixel_values.dtype), dim=-1)
+    queries = F.normalize(queries.to(pixel_values), dim=-1)  # the images' dtype and device
     maps = torch.empty(count, *pixel_values.shape[-2:], dtype=pixel_values.dtype, device=pixel_values.device)
     for image in image_index.unique().tolist():
         rows = (image_index == image).nonzero().flatten()

@@ -217,6 +217,10 @@ class MaskInversion:
             if self.mode == "decomposed" and self._use_basis(count):
                 lg.precompute_basis(self.backbone, state)
             start = state.global_embedding if init is None else init.to(state.global_embedding)
+            if start.shape not in ((state.global_embedding.shape[0],), (count, state.global_embedding.shape[0])):
+                raise ValueError(
+                    f"init must be (P,) or (N, P) = ({count}, {state.global_embedding.shape[0]}), got {tuple(start.shape)}"
+                )
             lets = start.detach().clone().expand(count, -1).clone() if start.dim() == 1 else start.detach().clone()
             lets.requires_grad_(True)
             optimizer = self._optimizer([lets])

@@ -107,5 +107,7 @@ def test_bad_inputs_are_named(backbone):
         MaskInversion(backbone)(image, masks[:0])
     with pytest.raises(ValueError, match="mode must be one of"):
         MaskInversion(backbone, mode="fast")
+    with pytest.raises(ValueError, match=r"init must be \(P,\) or \(N, P\) = \(4, 32\), got \(3, 32\)"):
+        MaskInversion(backbone)(image, masks, init=torch.zeros(3, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="float masks must lie in"):
         MaskInversion(backbone)(image, masks.double() * 2)
