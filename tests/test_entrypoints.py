@@ -135,3 +135,21 @@ def test_maskinversion_eval_on_two_processes_equals_one(synthetic_root, tmp_path
     assert sorted(s2["keys"]) == sorted(s1["keys"]) and len(s1["keys"]) == one["regions"]
     order = [s2["keys"].index(k) for k in s1["keys"]]
     torch.testing.assert_close(s2["embeddings"][order], s1["embeddings"], rtol=1e-4, atol=1e-5)
+
+
+def test_coco_config_reads_only_the_files_given(synthetic_root, tmp_path):
+    """configs/image/coco.yaml builds on top of the synthetic defaults without inheriting their synthetic
+    splits or their cosine schedule: with only a val file given (zero-shot evaluation), the categories are
+    that file's, no other split is set, and the SPEC's step decay is used."""
+    from grounding.cli import image_cli
+    from grounding.data.coco import read_categories
+
+    val = str(synthetic_root / "annotations" / "instances_val.json")
+    cli = image_cli([
+        "--config", str(REPO / "configs" / "image" / "coco.yaml"), "--model.model", "tiny",
+        "--data.val_annotations", val, "--data.val_images", str(synthetic_root / "images" / "val"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ])
+    assert cli.datamodule.paths["train"] == (None, None) and cli.datamodule.paths["test"] == (None, None)
+    assert cli.datamodule.categories == read_categories(val)
+    assert cli.model.hparams.lr_schedule == "step" and cli.model.hparams.lr_drop_epochs == [11]
