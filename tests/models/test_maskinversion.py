@@ -111,3 +111,14 @@ def test_bad_inputs_are_named(backbone):
         MaskInversion(backbone)(image, masks, init=torch.zeros(3, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="float masks must lie in"):
         MaskInversion(backbone)(image, masks.double() * 2)
+
+
+@pytest.mark.parametrize("mode", ["decomposed", "naive"])
+def test_bfloat16_backbone_runs_and_stays_close_to_float32(mode):
+    """The GPU path in reduced precision (bf16 matmuls run on the CPU too): same shapes, finite, maps near fp32."""
+    backbone = build_clip("tiny", image_size=64, overrides={"vision_config": {"num_hidden_layers": 2}})
+    image, masks = _image_and_masks()
+    reference = MaskInversion(backbone, iterations=3, mode=mode)(image, masks, return_maps=True)
+    result = MaskInversion(backbone.to(torch.bfloat16), iterations=3, mode=mode)(image, masks, return_maps=True)
+    assert result.embeddings.dtype == torch.bfloat16 and torch.isfinite(result.embeddings).all()
+    assert (result.maps.float() - reference.maps).abs().max() < 0.15
