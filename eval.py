@@ -1,8 +1,9 @@
 """Evaluate a method: IMAGE (COCO box AP of a Grounding DINO checkpoint) or MaskInversion (region retrieval).
 
     python eval.py --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt [--split test]
-    python eval.py --model.model IDEA-Research/grounding-dino-tiny \
+    python eval.py --config configs/image/coco.yaml \
         --data.val_annotations ODINW/valid/_annotations.coco.json --data.val_images ODINW/valid   # zero-shot
+    python -m grounding.protocols.odinw --root data/odinw -- --config configs/image/coco.yaml   # ODinW-13
     python eval.py --config configs/maskinversion/synthetic.yaml      # MaskInversion, synthetic class masks
     python eval.py --config configs/maskinversion/refcoco.yaml        # RefCOCO referring-expression retrieval
 

@@ -27,7 +27,7 @@ class GroundingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume (train) or evaluate (eval)")
         parser.add_argument("--validate_before_fit", type=bool, default=True, help="train: evaluate the untrained model first")
-        parser.add_argument("--split", type=str, default="val", help="eval: which split to evaluate (val or test)")
+        parser.add_argument("--split", type=str, default="val", help="eval, IMAGE: which split to evaluate (val or test); MaskInversion evaluates --data.split")
 
 
 def image_cli(args: list[str] | None = None) -> GroundingCLI:
