@@ -11,7 +11,7 @@ Prints one JSON line with the metrics. MaskInversion runs ``Trainer.test`` over 
 split (``--data.split``) and writes the region embeddings to ``RUN/predictions/maskinversion_<split>.pt``.
 """
 
-from grounding.cli import grounding_cli, metrics_line, print_json
+from grounding.cli import finish_distributed, grounding_cli, metrics_line, print_json
 from grounding.lightning.maskinversion_module import MaskInversionModule
 
 
@@ -31,6 +31,7 @@ def main(args: list[str] | None = None) -> dict:
     run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
     if trainer.is_global_zero:
         print_json({"split": split, **metrics, "run_dir": run_dir})
+    finish_distributed()
     return metrics
 
 

@@ -8,7 +8,7 @@ Evaluates the untrained model, trains, evaluates again, and prints one JSON line
 Checkpoints, TensorBoard logs, the resolved config and COCO results JSON go to the run folder.
 """
 
-from grounding.cli import image_cli, metrics_line, print_json
+from grounding.cli import finish_distributed, image_cli, metrics_line, print_json
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -23,6 +23,7 @@ def main(args: list[str] | None = None) -> dict:
     summary = {"untrained": before, "trained": after, "run_dir": run_dir, "steps": trainer.global_step}
     if trainer.is_global_zero:
         print_json(summary)
+    finish_distributed()
     return summary
 
 

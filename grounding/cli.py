@@ -88,5 +88,18 @@ def metrics_line(prefix: str, metrics: list[dict]) -> dict:
     return {k.split("/", 1)[1]: round(v, 4) for k, v in merged.items() if k.startswith(prefix)}
 
 
+def finish_distributed() -> None:
+    """End the process group that the DDP strategy left open (every rank calls this at the end of a run).
+
+    Lightning keeps the group after ``fit``/``test``; left to interpreter shutdown, gloo's threads were
+    sometimes destroyed while running ("terminate called without an active exception", exit -6).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def print_json(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
