@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 
 def merge_nested(base: dict, overrides: dict) -> dict:
@@ -14,3 +19,19 @@ def merge_nested(base: dict, overrides: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)`` beside ``path``, then rename over it: an interrupted or failed write never
+    leaves a partial file at ``path`` (nor replaces what was there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

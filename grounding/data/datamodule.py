@@ -83,11 +83,9 @@ class CocoDetectionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         root = self.hparams.synthetic_root
         if root is not None:
-            from grounding.data.synthetic import SyntheticConfig, ensure_synthetic
+            from grounding.data.synthetic import prepare_synthetic
 
-            if self.hparams.synthetic is None and (Path(root) / "meta.json").exists():
-                return  # an existing dataset, whatever its settings: nothing asked for that could differ
-            ensure_synthetic(self.hparams.synthetic_root, SyntheticConfig(**(self.hparams.synthetic or {})))
+            prepare_synthetic(root, self.hparams.synthetic)
 
     @property
     def categories(self) -> dict[int, str]:

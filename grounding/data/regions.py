@@ -644,11 +644,9 @@ class RegionDataModule(L.LightningDataModule):
         h = self.hparams
         if h.format != "synthetic":
             return
-        from grounding.data.synthetic import SyntheticConfig, ensure_synthetic
+        from grounding.data.synthetic import prepare_synthetic
 
-        if h.synthetic is None and (Path(h.synthetic_root) / "meta.json").exists():
-            return  # an existing dataset, whatever its settings: nothing asked for that could differ
-        ensure_synthetic(h.synthetic_root, SyntheticConfig(**(h.synthetic or {})))
+        prepare_synthetic(h.synthetic_root, h.synthetic)
 
     def _load(self) -> tuple[list[RegionImageRecord], list[str], SkipReport]:
         h = self.hparams

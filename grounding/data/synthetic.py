@@ -1050,6 +1050,14 @@ def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig | None = None)
 # --------------------------------------------------------------------------------------------
 
 
+def prepare_synthetic(out_dir: str | Path, settings: dict[str, Any] | None = None) -> None:
+    """What the DataModules do before loading: an existing dataset is used as it is when no generator
+    ``settings`` were asked for (nothing could differ); otherwise ``ensure_synthetic`` with those settings."""
+    if settings is None and (Path(out_dir) / "meta.json").exists():
+        return
+    ensure_synthetic(out_dir, SyntheticConfig(**(settings or {})))
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the CLI parser: ``--out`` plus one flag per SyntheticConfig field and ``--force``."""
     parser = argparse.ArgumentParser(

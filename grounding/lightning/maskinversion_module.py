@@ -23,8 +23,6 @@ with ``torch.load`` for downstream use (captioning, retrieval). TensorBoard gets
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -35,24 +33,12 @@ from grounding.data.region_views import crop_view, masked_crop_view, red_circle_
 from grounding.metrics.retrieval import RetrievalAccuracy, region_key, top1_correct
 from grounding.models.clip import build_clip
 from grounding.models.maskinversion import MaskInversion
+from grounding.utils import write_atomic
 
 log = logging.getLogger(__name__)
 
 METHODS = ("maskinversion", "global", "crop", "masked_crop", "red_circle")
 PROTOCOLS = ("class", "referring")
-
-
-def save_atomic(path: Path, payload: object) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a partial file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class MaskInversionModule(L.LightningModule):
@@ -151,8 +137,9 @@ class MaskInversionModule(L.LightningModule):
         if "maskinversion" in self.methods:
             inversion = self.inverter(image, masks, return_maps=want_maps)
             out["maskinversion"] = inversion.embeddings
-        if "global" in self.methods:
-            out["global"] = self._embed_views([image]).expand(count, -1)
+        if "global" in self.methods:  # MaskInversion's forward pass already gave it
+            glob = inversion.global_embedding[None] if inversion is not None else self._embed_views([image])
+            out["global"] = glob.expand(count, -1)
         if "crop" in self.methods:
             out["crop"] = self._embed_views([crop_view(image, m, margin) for m in masks])
         if "masked_crop" in self.methods:
@@ -264,7 +251,7 @@ class MaskInversionModule(L.LightningModule):
             "settings": dict(self.hparams),
         }
         path = Path(log_dir) / "predictions" / f"maskinversion_{split}.pt"
-        save_atomic(path, payload)
+        write_atomic(path, lambda temporary: torch.save(payload, temporary))
         log.info("wrote %d region embeddings to %s", len(keys), path)
 
     # ------------------------------------------------------------------------------------- logging

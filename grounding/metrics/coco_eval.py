@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torchmetrics import Metric
+
+from grounding.utils import write_atomic
 
 #: COCOeval's 12 summary numbers, in ``stats`` order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -25,17 +25,12 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR
 
 def write_json_atomic(path: str | Path, payload: object) -> None:
     """Write JSON next to ``path`` and rename over it: an interrupted write never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+
+    def dump(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as stream:
             json.dump(payload, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+
+    write_atomic(path, dump)
 
 
 def coco_evaluate(annotation_file: str | Path, detections: list[dict], image_ids: list[int]) -> dict[str, float]:

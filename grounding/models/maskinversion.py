@@ -50,6 +50,7 @@ class MaskInversionResult:
     maps: torch.Tensor | None = None          # (N, H, W) at the masks' size
     losses: list[float] = field(default_factory=list)   # mean loss of each iteration (before its step)
     initial_maps: torch.Tensor | None = None  # (N, H, W) maps of the initial LETs (first iteration)
+    global_embedding: torch.Tensor | None = None  # (P,) the image's global embedding, not normalized
 
 
 class MaskInversion:
@@ -224,7 +225,7 @@ class MaskInversion:
             lets = start.detach().clone().expand(count, -1).clone() if start.dim() == 1 else start.detach().clone()
             lets.requires_grad_(True)
             optimizer = self._optimizer([lets])
-            result = MaskInversionResult(embeddings=lets)
+            result = MaskInversionResult(embeddings=lets, global_embedding=state.global_embedding.detach())
             for iteration in range(self.iterations):
                 last = iteration == self.iterations - 1
                 loss, grad, maps = self.step_gradient(state, lets, masks, keep_maps=return_maps and (last or iteration == 0))

@@ -122,3 +122,11 @@ def test_bfloat16_backbone_runs_and_stays_close_to_float32(mode):
     result = MaskInversion(backbone.to(torch.bfloat16), iterations=3, mode=mode)(image, masks, return_maps=True)
     assert result.embeddings.dtype == torch.bfloat16 and torch.isfinite(result.embeddings).all()
     assert (result.maps.float() - reference.maps).abs().max() < 0.15
+
+
+def test_result_carries_the_global_embedding_of_the_image(backbone):
+    image, masks = _image_and_masks()
+    result = MaskInversion(backbone, iterations=0)(image, masks[:2])
+    expected = backbone.encode_image(backbone.preprocess(image))[0]
+    torch.testing.assert_close(result.global_embedding, expected)
+    torch.testing.assert_close(result.embeddings, expected.expand(2, -1))  # zero iterations: the initial LETs
