@@ -58,7 +58,7 @@ def test_train_writes_checkpoints_logs_and_predictions(training_run):
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "val/AP", "val/AP50", "mask/strength_k"} <= scalars
     assert {f"mask/ratio_level{level}" for level in range(4)} <= scalars
-    assert {"val/predictions"} | {f"mask/level{level}" for level in range(4)} <= images
+    assert {"val/predictions", "train/masks"} <= images
     strengths = [e.value for e in events.Scalars("mask/strength_k")]
     assert strengths[0] == pytest.approx(0.5) and strengths == sorted(strengths, reverse=True)  # k decays
 
@@ -137,19 +137,26 @@ def test_maskinversion_eval_on_two_processes_equals_one(synthetic_root, tmp_path
     torch.testing.assert_close(s2["embeddings"][order], s1["embeddings"], rtol=1e-4, atol=1e-5)
 
 
-def test_coco_config_reads_only_the_files_given(synthetic_root, tmp_path):
-    """configs/image/coco.yaml builds on top of the synthetic defaults without inheriting their synthetic
-    splits or their cosine schedule: with only a val file given (zero-shot evaluation), the categories are
-    that file's, no other split is set, and the SPEC's step decay is used."""
-    from grounding.cli import image_cli
-    from grounding.data.coco import read_categories
+def test_coco_config_applies_alone(synthetic_root, tmp_path, monkeypatch):
+    """configs/image/coco.yaml is not layered on the demo config: its trainer settings are its own and
+    Lightning's defaults (not the demo's check_val_every_n_epoch 9 / num_sanity_val_steps 0), no synthetic
+    split is filled in, and the paper's step decay is used. Found from any folder, with or without "configs/"."""
+    from grounding.cli import build_cli
+    from grounding.data.coco_file import read_categories
 
+    monkeypatch.chdir(tmp_path)  # the packaged configs are found wherever the command runs
     val = str(synthetic_root / "annotations" / "instances_val.json")
-    cli = image_cli([
-        "--config", str(REPO / "configs" / "image" / "coco.yaml"), "--model.model", "tiny",
-        "--data.val_annotations", val, "--data.val_images", str(synthetic_root / "images" / "val"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-    ])
-    assert cli.datamodule.paths["train"] == (None, None) and cli.datamodule.paths["test"] == (None, None)
-    assert cli.datamodule.categories == read_categories(val)
-    assert cli.model.hparams.lr_schedule == "step" and cli.model.hparams.lr_drop_epochs == [11]
+    for name in ("configs/image/coco.yaml", "image/coco.yaml"):
+        cli = build_cli([
+            "--config", name, "--model.model", "tiny", "--trainer.accelerator", "cpu",
+            "--data.val_annotations", val, "--data.val_images", str(synthetic_root / "images" / "val"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+        ])
+        assert cli.trainer.check_val_every_n_epoch == 1 and cli.trainer.num_sanity_val_steps == 2
+        assert cli.trainer.max_epochs == 12 and cli.trainer.gradient_clip_val == 0.1
+        assert cli.datamodule.paths["train"] == (None, None) and cli.datamodule.paths["test"] == (None, None)
+        assert cli.datamodule.categories == read_categories(val)
+        assert cli.model.hparams.lr_schedule == "step" and cli.model.hparams.lr_drop_epochs == [11]
+    demo = build_cli(["--model.model_config", json.dumps(TEST_MODEL_CONFIG), "--trainer.accelerator", "cpu",
+                      "--data.synthetic_root", str(synthetic_root), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert demo.trainer.check_val_every_n_epoch == 9 and demo.trainer.num_sanity_val_steps == 0  # the demo without --config

@@ -1,10 +1,11 @@
 """COCO-format detection data: any instances file + image folder (COCO 2017, ODinW, a user's export).
 
-``load_coco_detection`` reads and validates an annotation file into ``ImageRecord``s. Broken files fail
-with an error naming the file and the offending id (duplicate ids, unknown category or image ids, empty
-category names); bad but recoverable entries are skipped, counted in ``SkipReport`` and logged (missing
-image files, boxes of zero or negative size, boxes entirely outside their image, images without
-annotations when training). Boxes that stick out of their image are clipped.
+``load_coco_detection`` turns a file validated by ``grounding.data.coco_file.read_coco`` (which fails,
+naming the file and id, on duplicate or non-integer ids, unknown category or image ids, empty or repeated
+category names) into ``ImageRecord``s. Bad but recoverable entries are skipped, counted in ``SkipReport``
+and logged (missing image files, malformed boxes, boxes of zero or negative size or entirely outside their
+image, images without annotations when training), or fail by the setting ``invalid_boxes="error"``. Boxes
+that stick out of their image are clipped.
 
 ``CocoDetection`` returns per image ``(image (3, H, W) float normalized, target)`` with target keys
 ``image_id``, ``orig_size`` (h, w), ``size`` (h, w after transforms), ``boxes`` (n, 4) normalized
@@ -14,7 +15,6 @@ when ``return_masks``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -29,8 +30,9 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from grounding.data.images import read_rgb_image
-from grounding.data.prompts import clean_category_name
+from grounding.data.coco_file import read_coco
+from grounding.data.images import check_image, read_rgb_image
+from grounding.data.masks import decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -74,83 +76,53 @@ class SkipReport:
             log.warning("%s: skipped %d (%s), e.g. %s", self.source, count, reason, "; ".join(self.examples[reason]))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"annotation file {path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
-        raise ValueError(f"annotation file {path} is not a COCO instances file (needs images, annotations, categories)")
-    return data
-
-
-def _unique_ids(entries: list[dict], what: str, path: Path) -> None:
-    seen = set()
-    for entry in entries:
-        if "id" not in entry:
-            raise ValueError(f"annotation file {path}: a {what} entry has no id: {entry!r:.200}")
-        if entry["id"] in seen:
-            raise ValueError(f"annotation file {path}: duplicate {what} id {entry['id']}")
-        seen.add(entry["id"])
-
-
-def read_categories(path: str | Path) -> dict[int, str]:
-    """Category id -> cleaned name of an instances file, in file order; errors name the file and id."""
-    path = Path(path)
-    return categories_of(_read_json(path), path)
-
-
-def categories_of(data: dict, path: Path) -> dict[int, str]:
-    """Category id -> cleaned name of a parsed instances file (``path`` names it in errors)."""
-    _unique_ids(data["categories"], "category", path)
-    try:
-        return {int(c["id"]): clean_category_name(c["id"], c.get("name")) for c in data["categories"]}
-    except ValueError as error:
-        raise ValueError(f"annotation file {path}: {error}") from None
+INVALID_BOXES = ("skip", "error")
 
 
 def load_coco_detection(
-    annotation_file: str | Path, image_dir: str | Path, keep_images_without_annotations: bool = True
+    annotation_file: str | Path,
+    image_dir: str | Path,
+    keep_images_without_annotations: bool = True,
+    invalid_boxes: str = "skip",
 ) -> tuple[list[ImageRecord], dict[int, str], SkipReport]:
-    """Validated image records, the categories (id -> name) and what was skipped."""
+    """Validated image records, the categories (id -> name) and what was skipped.
+
+    invalid_boxes: ``"skip"`` leaves boxes that are malformed (NaN, not 4 numbers), of zero or negative size
+    or entirely outside their image out (counted in the report, and out of the evaluation's ground truth
+    too); ``"error"`` fails on the first one, naming the file and the annotation id.
+    """
+    if invalid_boxes not in INVALID_BOXES:
+        raise ValueError(f"invalid_boxes must be one of {INVALID_BOXES}, got {invalid_boxes!r}")
     path = Path(annotation_file)
     image_dir = Path(image_dir)
-    data = _read_json(path)
-    categories = read_categories(path)
-    _unique_ids(data["images"], "image", path)
-    _unique_ids(data["annotations"], "annotation", path)
+    coco = read_coco(path)
     report = SkipReport(str(path))
 
-    records: dict[int, ImageRecord] = {}
-    for image in data["images"]:
-        records[image["id"]] = ImageRecord(
-            id=image["id"], path=image_dir / image["file_name"], width=int(image["width"]), height=int(image["height"])
-        )
-    for ann in data["annotations"]:
-        ann_id = ann["id"]
-        if ann.get("category_id") not in categories:
-            raise ValueError(
-                f"annotation file {path}: annotation id {ann_id} has unknown category id {ann.get('category_id')!r}"
-                f" (known: {sorted(categories)})"
-            )
-        record = records.get(ann.get("image_id"))
-        if record is None:
-            raise ValueError(f"annotation file {path}: annotation id {ann_id} refers to unknown image id {ann.get('image_id')!r}")
+    def reject(reason: str, what: str) -> None:
+        if invalid_boxes == "error":
+            raise ValueError(f"annotation file {path}: {what}: {reason} (data.invalid_boxes=error)")
+        report.add(reason, what)
+
+    records: dict[int, ImageRecord] = {
+        image_id: ImageRecord(id=image_id, path=image_dir / image["file_name"], width=int(image["width"]), height=int(image["height"]))
+        for image_id, image in coco.images.items()
+    }
+    for ann in coco.annotations:
+        ann_id, record = ann["id"], records[ann["image_id"]]
         bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-            report.add("malformed box", f"annotation id {ann_id}: bbox {bbox!r}")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
+        ):
+            reject("malformed box", f"annotation id {ann_id}: bbox {bbox!r}")
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
-            report.add("box of zero or negative size", f"annotation id {ann_id}: bbox {bbox}")
+            reject("box of zero or negative size", f"annotation id {ann_id}: bbox {bbox}")
             continue
         x0, y0 = min(max(x, 0.0), record.width), min(max(y, 0.0), record.height)
         x1, y1 = min(max(x + w, 0.0), record.width), min(max(y + h, 0.0), record.height)
         if x1 - x0 <= 0 or y1 - y0 <= 0:
-            report.add("box outside its image", f"annotation id {ann_id}: bbox {bbox} in {record.width}x{record.height}")
+            reject("box outside its image", f"annotation id {ann_id}: bbox {bbox} in {record.width}x{record.height}")
             continue
         record.annotations.append(
             Annotation(ann_id, ann["category_id"], (x0, y0, x1, y1), ann.get("segmentation"), bool(ann.get("iscrowd", 0)))
@@ -166,7 +138,7 @@ def load_coco_detection(
             kept.append(record)
     if not kept:
         raise ValueError(f"annotation file {path}: no usable image (image folder {image_dir}); skipped: {dict(report.counts)}")
-    return kept, categories, report
+    return kept, dict(coco.categories), report
 
 
 def fraction_subset(records: list[ImageRecord], fraction: float, seed: int) -> list[ImageRecord]:
@@ -228,26 +200,27 @@ def detection_transforms(
     return v2.Compose(steps)
 
 
-def annotation_mask(segmentation: object, box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
-    """Binary (H, W) mask of a COCO segmentation (polygons, RLE or uncompressed RLE); the box if absent."""
-    from pycocotools import mask as mask_utils
+def _xywh(box: tuple[float, float, float, float]) -> list[float]:
+    x0, y0, x1, y1 = box
+    return [x0, y0, x1 - x0, y1 - y0]
 
-    if not segmentation:
-        mask = torch.zeros(height, width, dtype=torch.uint8)
-        x0, y0, x1, y1 = box
-        mask[int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = 1
-        return mask
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = dict(segmentation, counts=segmentation["counts"].encode() if isinstance(segmentation["counts"], str) else segmentation["counts"])
-    return torch.from_numpy(mask_utils.decode(rle)).to(torch.uint8)
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random seed of one training sample's augmentation: a function of (seed, epoch, index) only, so
+    that a sample looks the same whatever process, worker or resumed run loads it."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class CocoDetection(Dataset):
-    """Images and box targets of a validated COCO instances file (see the module docstring)."""
+    """Images and box targets of a validated COCO instances file (see the module docstring).
+
+    ``dataset[i]`` draws the augmentation from the global random state; ``dataset[(i, epoch)]`` (what
+    ``grounding.data.sampling.EpochSampler`` yields) from ``sample_seed(seed, epoch, i)``, leaving the
+    global state untouched.
+
+    check_images: read every image's header first (size against the file, truncated JPEG/PNG), so that a
+        bad file fails now, naming it, instead of when a batch first needs it.
+    """
 
     def __init__(
         self,
@@ -259,22 +232,48 @@ class CocoDetection(Dataset):
         train_fraction: float = 1.0,
         shots_per_category: int | None = None,
         subset_seed: int = 0,
+        invalid_boxes: str = "skip",
+        check_images: bool = False,
+        seed: int = 0,
     ):
         self.annotation_file = Path(annotation_file)
-        records, self.categories, self.skipped = load_coco_detection(annotation_file, image_dir, keep_images_without_annotations=not train)
+        records, self.categories, self.skipped = load_coco_detection(
+            annotation_file, image_dir, keep_images_without_annotations=not train, invalid_boxes=invalid_boxes
+        )
         if shots_per_category:
             records = k_shot_subset(records, shots_per_category, subset_seed)
         records = fraction_subset(records, train_fraction, subset_seed)
         self.records = records
         self.skipped.log()
+        if check_images:
+            for record in records:
+                check_image(record.path, (record.width, record.height), record.id)
         self.transforms = transforms or detection_transforms(train=False)
         self.train = train
         self.return_masks = return_masks
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    @property
+    def image_ids(self) -> list[int]:
+        return [record.id for record in self.records]
+
+    @property
+    def annotation_ids(self) -> set[int]:
+        """Ids of the annotations kept (crowd ones included: COCOeval ignores detections matched to them)."""
+        return {a.id for record in self.records for a in record.annotations}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        if isinstance(key, tuple):
+            index, epoch = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                return self._load(index)
+        return self._load(key)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, dict]:
         record = self.records[index]
         image = read_rgb_image(record.path, (record.width, record.height), record.id)
         annotations = [a for a in record.annotations if not (self.train and a.iscrowd)]
@@ -286,8 +285,11 @@ class CocoDetection(Dataset):
             ),
         }
         if self.return_masks:
-            masks = [annotation_mask(a.segmentation, a.box, *size) for a in annotations]
-            sample["masks"] = tv_tensors.Mask(torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.uint8))
+            masks = [
+                torch.from_numpy(decode_mask(((a.segmentation, _xywh(a.box)),), *size, f"{self.annotation_file}: annotation id {a.id}"))
+                for a in annotations
+            ]
+            sample["masks"] = tv_tensors.Mask(torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool))
         sample = self.transforms(sample)
         image, boxes = sample["image"], sample["boxes"]
         height, width = image.shape[-2:]

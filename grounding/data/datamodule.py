@@ -10,9 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
-from grounding.data.coco import CocoDetection, collate_detection, detection_transforms, read_categories
+from grounding.data.coco import INVALID_BOXES, CocoDetection, collate_detection, detection_transforms
+from grounding.data.coco_file import ground_truth, read_categories, read_coco
+from grounding.data.sampling import EpochSampler, ResumableDataLoader
+
+SPLITS = ("train", "val", "test")
+CHECK_IMAGES = ("none", "eval", "all")
 
 
 class CocoDetectionDataModule(L.LightningDataModule):
@@ -30,6 +36,13 @@ class CocoDetectionDataModule(L.LightningDataModule):
         train_fraction: keep a random fraction of the training images (low-data protocol).
         shots_per_category: k-shot training set (GLIP protocol), drawn with ``subset_seed``.
         return_masks: also return instance masks (from polygons / RLE), transformed with the image.
+        split: the split that ``test`` / ``predict`` read (what ``grounding-eval`` evaluates): val or test.
+        invalid_boxes: ``skip`` (count, log, and leave malformed / empty / outside boxes out of training and
+            of the ground truth that COCOeval sees) or ``error`` (fail naming the file and annotation id).
+        check_images: read every image header before a split is used (size against the JSON, truncated
+            JPEG/PNG) in ``eval`` splits (val, test), ``all`` splits, or ``none``.
+        seed: the training order and augmentation are functions of (seed, epoch, image) alone, so resumed and
+            multi-process runs see exactly what an uninterrupted single-process run sees.
     """
 
     def __init__(
@@ -55,9 +68,24 @@ class CocoDetectionDataModule(L.LightningDataModule):
         shots_per_category: int | None = None,
         subset_seed: int = 0,
         return_masks: bool = False,
+        split: str = "val",
+        invalid_boxes: str = "skip",
+        check_images: str = "eval",
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if split not in ("val", "test"):
+            raise ValueError(f"data.split must be 'val' or 'test' (the split grounding-eval evaluates), got {split!r}")
+        if invalid_boxes not in INVALID_BOXES:
+            raise ValueError(f"data.invalid_boxes must be one of {INVALID_BOXES}, got {invalid_boxes!r}")
+        if check_images not in CHECK_IMAGES:
+            raise ValueError(f"data.check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("image_size", image_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         if max_size is not None and max_size <= max([image_size] + list(train_scales or [])):
             raise ValueError(f"max_size={max_size} must be greater than image_size and every train_scale ({image_size}, {train_scales})")
         self.paths = {
@@ -121,35 +149,68 @@ class CocoDetectionDataModule(L.LightningDataModule):
                 train_fraction=h.train_fraction if train else 1.0,
                 shots_per_category=h.shots_per_category if train else None,
                 subset_seed=h.subset_seed,
+                invalid_boxes=h.invalid_boxes,
+                check_images=h.check_images == "all" or (h.check_images == "eval" and not train),
+                seed=h.seed,
             )
         return self.datasets[split]
 
+    def ground_truth(self, split: str):
+        """pycocotools ``COCO`` of the images and annotations the loader kept in ``split`` (None if no file)."""
+        if not self.paths[split][0] or not Path(self.paths[split][0]).exists():
+            return None
+        dataset = self._dataset(split)
+        return ground_truth(read_coco(dataset.annotation_file), dataset.annotation_ids, dataset.image_ids)
+
+    @property
+    def smallest_side(self) -> int:
+        """The smallest shorter side an image is resized to (evaluation or any training scale)."""
+        return min([self.hparams.image_size] + list(self.hparams.train_scales or []))
+
+    @property
+    def evaluation_split(self) -> str:
+        """The split ``test_dataloader`` / ``predict_dataloader`` read."""
+        return self.hparams.split
+
     def setup(self, stage: str | None = None) -> None:
         _ = self.categories  # validate early, before any model work
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [self.hparams.split], "predict": [self.hparams.split]}
         for split in wanted.get(stage, ["train", "val", "test"]):
             if self.paths[split][0]:
                 self._dataset(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         h = self.hparams
         return DataLoader(
             self._dataset(split),
-            batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
-            shuffle=shuffle,
+            batch_size=h.eval_batch_size or h.batch_size,
+            shuffle=False,
             num_workers=h.num_workers,
             collate_fn=collate_detection,
             persistent_workers=h.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        h = self.hparams
+        dataset = self._dataset("train")
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (None, None)
+        return ResumableDataLoader(
+            dataset,
+            EpochSampler(dataset, shuffle=True, seed=h.seed, num_replicas=world, rank=rank),
+            batch_size=h.batch_size,
+            num_workers=h.num_workers,
+            collate_fn=collate_detection,
+            persistent_workers=h.num_workers > 0,
+            # the loader's own generator: creating its iterator must not move the global random state
+            generator=torch.Generator().manual_seed(h.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.hparams.split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.hparams.split)

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+_EXIF_ORIENTATION = 0x0112
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
 
 class ImageReadError(RuntimeError):
     """An image file that exists but cannot be decoded, or whose size contradicts its annotations."""
@@ -60,3 +63,60 @@ def read_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = Non
     else:
         stored = oriented
     return _to_8bit_rgb(stored)
+
+
+def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(stored, EXIF-oriented) (width, height) of an image file, from its header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+    return (width, height), ((height, width) if orientation in (5, 6, 7, 8) else (width, height))
+
+
+def _looks_truncated(path: Path, image_format: str | None) -> bool:
+    """A JPEG without its end-of-image marker or a PNG without its IEND chunk near the end of the file.
+
+    Entropy-coded JPEG data never holds FF D9 (0xFF bytes are stuffed), so the marker in the last KiB
+    means the file was written to the end; files with trailing bytes after it stay valid.
+    """
+    if image_format not in ("JPEG", "PNG"):
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(size - 1024, 0))
+        tail = handle.read()
+    return (b"\xff\xd9" if image_format == "JPEG" else _PNG_END) not in tail
+
+
+def check_image(path: str | Path, expected_size: tuple[int, int] | None = None, image_id: object = None) -> None:
+    """The quick pass over an image before training or evaluation reads it: the header decodes, the size
+    (stored or EXIF-oriented) is the annotation file's (width, height), and a JPEG/PNG is not cut short.
+
+    Raises ``ImageReadError`` naming the file and image id; ``FileNotFoundError`` when it is absent.
+    """
+    where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            image_format = image.format
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"cannot read image {where}: {error}") from error
+    oriented = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+    if expected_size is not None:
+        expected = tuple(int(v) for v in expected_size)
+        if expected not in (stored, oriented):
+            raise ImageReadError(
+                f"image {where} is {stored[0]}x{stored[1]} (EXIF-oriented {oriented[0]}x{oriented[1]})"
+                f" but the annotation file says {expected[0]}x{expected[1]}"
+            )
+    if _looks_truncated(Path(path), image_format):
+        raise ImageReadError(f"image {where} is truncated: the {image_format} file ends before its end marker")

@@ -17,13 +17,20 @@ from pathlib import Path
 import lightning as L
 import torch
 from torchvision.ops import box_convert
-from torchvision.utils import draw_bounding_boxes
 
 from grounding.data.coco import IMAGENET_MEAN, IMAGENET_STD
 from grounding.data.prompts import Prompt, build_prompts, category_scores
+from grounding.lightning.guards import NonFiniteGuard
 from grounding.metrics.coco_eval import CocoBoxMetric, write_json_atomic
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig
-from grounding.models.grounding_dino import build_grounding_dino, feature_masking, parameter_groups
+from grounding.models.grounding_dino import (
+    build_grounding_dino,
+    encoder_token_count,
+    feature_masking,
+    freeze_untrained,
+    parameter_groups,
+)
+from grounding.visualize import denormalize, detection_panel, mask_panels, upscale
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,15 @@ class ImageGroundingModule(L.LightningModule):
         lr_schedule: ``step`` (the SPEC's step decay; constant without ``lr_drop_epochs``) or ``cosine``
             (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).
         num_detections: detections kept per image at evaluation (top (query, category) pairs).
-        log_images: log an image with its predicted boxes and the masks of each level at each validation.
+        log_images: TensorBoard pictures: ground truth | predictions of the first validation image, and the
+            masks of each level over the first training image of every epoch.
+        log_score_threshold: predictions drawn in the picture have at least this score.
+        max_nonfinite_steps: a NaN/inf loss skips its optimizer step; this many in a row stop the run.
+
+    The parameters that never receive a gradient in transformers' Grounding DINO are frozen
+    (``grounding.models.grounding_dino.untrained_modules``), so DDP needs no ``find_unused_parameters``.
+    Under DDP the loss is normalized by the number of boxes over all processes (as the original DETR
+    training does), so that N processes with batch b take the same step as one with batch N·b.
     """
 
     def __init__(
@@ -62,17 +77,36 @@ class ImageGroundingModule(L.LightningModule):
         lr_min_factor: float = 0.01,
         num_detections: int = 300,
         log_images: bool = True,
+        log_score_threshold: float = 0.3,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
+        for name in ("lr", "lr_backbone", "lr_text_encoder"):
+            value = locals()[name]
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name} must be a finite number > 0, got {value!r}")
+        for name, value in (("weight_decay", weight_decay), ("lr_min_factor", lr_min_factor)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"model.{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(lr_drop_factor, (int, float)) and 0 < lr_drop_factor <= 1):
+            raise ValueError(f"model.lr_drop_factor must be in (0, 1], got {lr_drop_factor!r}")
+        if isinstance(num_detections, bool) or not isinstance(num_detections, int) or num_detections < 1:
+            raise ValueError(f"model.num_detections must be an integer >= 1 (detections kept per image), got {num_detections!r}")
         if lr_schedule not in ("step", "cosine"):
             raise ValueError(f"model.lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
         if lr_schedule == "cosine" and lr_drop_epochs:
             raise ValueError(f"model.lr_drop_epochs={lr_drop_epochs} has no effect with model.lr_schedule=cosine; set one or the other")
+        if lr_drop_epochs and (sorted(lr_drop_epochs) != list(lr_drop_epochs) or min(lr_drop_epochs) < 1):
+            raise ValueError(f"model.lr_drop_epochs must be increasing epochs >= 1, got {lr_drop_epochs!r}")
+        self.masking_config = masking if masking is not None else MaskingConfig()
         self.detector, self.tokenizer = build_grounding_dino(model, model_config)
+        self.masking_config.check_levels(self.detector.config.num_feature_levels)
         if freeze_text_encoder:
             self.detector.model.text_backbone.requires_grad_(False)
-        self.masking = AdaptiveMasking(masking if masking is not None else MaskingConfig())
+        self.frozen_untrained = freeze_untrained(self.detector)
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.masking = AdaptiveMasking(self.masking_config)
         self.prompts: list[Prompt] = []
         self.categories: dict[int, str] = {}
         self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric, made in setup from the datamodule
@@ -84,13 +118,28 @@ class ImageGroundingModule(L.LightningModule):
         self.prompts = build_prompts(self.categories, self.tokenizer, self.detector.config.max_text_len)
         self.position = {cid: (k, i) for k, p in enumerate(self.prompts) for i, cid in enumerate(p.category_ids)}
 
+    def check_input_size(self, height: int, width: int, what: str) -> None:
+        """The two-stage head keeps the top ``num_queries`` encoder tokens: smaller inputs cannot be run."""
+        config = self.detector.config
+        tokens = encoder_token_count(config, height, width)
+        if tokens < config.num_queries:
+            raise ValueError(
+                f"{what}: a {width}x{height} px input gives {tokens} encoder tokens, fewer than the model's"
+                f" num_queries={config.num_queries}; raise data.image_size (or lower model.model_config.num_queries)"
+            )
+
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         self.set_categories(datamodule.categories)
-        for split in ("val", "test"):
-            annotations = datamodule.paths[split][0]
-            if annotations and Path(annotations).exists():
-                self.metrics[split] = CocoBoxMetric(annotations)
+        side = getattr(datamodule, "smallest_side", None)
+        if side is not None:
+            self.check_input_size(side, side, f"data.image_size / data.train_scales (smallest side {side})")
+        splits = {"fit": ["val"], "validate": ["val"], "test": ["test"], "predict": []}.get(stage, ["val", "test"])
+        for split in splits:
+            source = "val" if split == "val" else datamodule.evaluation_split
+            truth = datamodule.ground_truth(source)
+            if truth is not None:
+                self.metrics[split] = CocoBoxMetric(truth)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -133,19 +182,39 @@ class ImageGroundingModule(L.LightningModule):
             )
         return labels
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _check_batch(self, pixel_values: torch.Tensor, targets: list[dict]) -> None:
+        height, width = pixel_values.shape[-2:]
+        if encoder_token_count(self.detector.config, height, width) < self.detector.config.num_queries:
+            self.check_input_size(height, width, f"batch of image ids {[t['image_id'] for t in targets]}")
+
+    def _global_box_normalization(self, labels: list[dict]) -> float:
+        """Factor turning this process's loss (normalized by its own box count, as transformers does) into its
+        share of the loss normalized by the box count of all processes (DDP averages the gradients)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return 1.0
+        local = float(sum(len(label["boxes"]) for label in labels))
+        total = float(self.trainer.strategy.reduce(torch.tensor(local, device=self.device), reduce_op="sum"))
+        return max(local, 1.0) * world / max(total, 1.0)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         # Several prompts: one per step, in turn; the library's loss expects one prompt per batch.
         prompt_index = self.global_step % len(self.prompts)
         prompt = self.prompts[prompt_index]
         pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
+        self._check_batch(pixel_values, batch["targets"])
+        labels = self._labels(batch["targets"], prompt_index)
         p = self.progress()
         with feature_masking(self.detector, self.masking, p, pixel_mask):
             outputs = self.detector(
                 pixel_values=pixel_values,
                 pixel_mask=pixel_mask,
-                labels=self._labels(batch["targets"], prompt_index),
+                labels=labels,
                 **self._text_inputs(prompt, pixel_values.shape[0]),
             )
+        loss = self.nonfinite(self, outputs.loss * self._global_box_normalization(labels))
+        if loss is None:
+            return None
         batch_size = pixel_values.shape[0]
         self.log("train/loss", outputs.loss, prog_bar=True, batch_size=batch_size)
         for name, value in outputs.loss_dict.items():
@@ -155,7 +224,9 @@ class ImageGroundingModule(L.LightningModule):
             self.log("mask/strength_k", float(self.masking.last_strength), batch_size=batch_size)
             for level, ratio in sorted(self.masking.last_ratios.items()):
                 self.log(f"mask/ratio_level{level}", float(ratio), batch_size=batch_size)
-        return outputs.loss
+        if batch_idx == 0 and self.hparams.log_images:
+            self._log_masks(batch)
+        return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -188,6 +259,7 @@ class ImageGroundingModule(L.LightningModule):
 
     def _evaluation_step(self, batch: dict, batch_idx: int, split: str) -> list[dict]:
         targets = batch["targets"]
+        self._check_batch(batch["pixel_values"], targets)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(self.device)
         detections = self.detect(batch["pixel_values"], batch["pixel_mask"], orig_sizes)
         if split in self.metrics:
@@ -197,8 +269,8 @@ class ImageGroundingModule(L.LightningModule):
                 [d["scores"] for d in detections],
                 [d["category_ids"] for d in detections],
             )
-        if split == "val" and batch_idx == 0 and self.hparams.log_images:
-            self._log_images(batch, detections[0])
+        if split in ("val", "test") and batch_idx == 0 and self.hparams.log_images:
+            self._log_predictions(batch, detections[0], split)
         return detections
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -217,14 +289,15 @@ class ImageGroundingModule(L.LightningModule):
         if split not in self.metrics:
             return
         metric = self.metrics[split]
-        values = metric.compute()
+        values = metric.compute()  # COCOeval on rank 0; the same values on every rank (NaN where undefined)
         for name, value in values.items():
-            self.log(f"{split}/{name}", value, rank_zero_only=True)
+            self.log(f"{split}/{name}", value)
         image_ids, results = metric.last_results
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             folder = Path(log_dir) / "predictions"
-            name = f"{split}_epoch{self.current_epoch:03d}.json" if split == "val" and self.trainer.state.fn == "fit" else f"{split}.json"
+            source = self.trainer.datamodule.evaluation_split if split == "test" else split
+            name = f"{source}_epoch{self.current_epoch:03d}.json" if split == "val" and self.trainer.state.fn == "fit" else f"{source}.json"
             write_json_atomic(folder / name, results)
         log.info("%s: %d images, %d detections, AP %.4f AP50 %.4f", split, len(image_ids), len(results), values["AP"], values["AP50"])
         metric.reset()
@@ -236,19 +309,48 @@ class ImageGroundingModule(L.LightningModule):
         self._finish_evaluation("test")
 
     # ----------------------------------------------------------------------------------------- logging
-    def _log_images(self, batch: dict, detection: dict, top: int = 8) -> None:
+    def _experiment(self):
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
-            return
+            return None
+        return experiment
+
+    def _input_image(self, batch: dict) -> torch.Tensor:
+        """The first image of a batch in its original colours, without padding: uint8 (3, h, w)."""
         height, width = batch["targets"][0]["size"].tolist()
-        image = batch["pixel_values"][0, :, :height, :width].float().cpu()
-        image = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
-        image = (image.clamp(0, 1) * 255).to(torch.uint8)
-        orig_h, orig_w = batch["targets"][0]["orig_size"].tolist()
-        # detections come sorted by score
-        boxes = box_convert(detection["boxes"][:top].cpu(), "xywh", "xyxy") * torch.tensor([width / orig_w, height / orig_h] * 2)
-        names = [f"{self.categories[int(c)]} {s:.2f}" for c, s in zip(detection["category_ids"][:top].tolist(), detection["scores"][:top].tolist())]
-        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="yellow")
-        experiment.add_image("val/predictions", drawn, self.global_step)
+        return denormalize(batch["pixel_values"][0, :, :height, :width].float().cpu(), IMAGENET_MEAN, IMAGENET_STD)
+
+    def _log_predictions(self, batch: dict, detection: dict, split: str) -> None:
+        """Ground truth | predictions (score >= log_score_threshold) of the batch's first image."""
+        experiment = self._experiment()
+        if experiment is None:
+            return
+        target = batch["targets"][0]
+        image = self._input_image(batch)
+        height, width = image.shape[-2:]
+        orig_h, orig_w = target["orig_size"].tolist()
+        scale = torch.tensor([width / orig_w, height / orig_h] * 2)
+        gt = box_convert(target["boxes"].float().cpu(), "cxcywh", "xyxy") * torch.tensor([width, height] * 2)
+        predictions = box_convert(detection["boxes"].float().cpu(), "xywh", "xyxy") * scale
+        picture = detection_panel(
+            image, gt, [self.categories[int(c)] for c in target["category_ids"]],
+            predictions, [self.categories[int(c)] for c in detection["category_ids"].tolist()], detection["scores"].float().cpu(),
+            score_threshold=self.hparams.log_score_threshold,
+        )
+        experiment.add_image(f"{split}/predictions", picture, self.global_step)
+
+    def _log_masks(self, batch: dict) -> None:
+        """The mask of every level over the batch's first training image (once per epoch)."""
+        experiment = self._experiment()
+        if experiment is None or not self.masking.last_masks:
+            return
+        image, _ = upscale(self._input_image(batch))
+        height, width = batch["targets"][0]["size"].tolist()
+        padded_h, padded_w = batch["pixel_values"].shape[-2:]
+        masks, titles = [], []
         for level, mask in sorted(self.masking.last_masks.items()):
-            experiment.add_image(f"mask/level{level}", mask[0].float().cpu().clamp(0, 1)[None], self.global_step)
+            rows = max(1, round(mask.shape[-2] * height / padded_h))
+            columns = max(1, round(mask.shape[-1] * width / padded_w))
+            masks.append(mask[0, :rows, :columns].float().cpu())  # the real pixels' part of the level's grid
+            titles.append(f"level {level} (stride {8 * 2 ** level}), r={self.masking.last_ratios[level]:.2f}")
+        experiment.add_image("train/masks", mask_panels(image, masks, titles), self.global_step)

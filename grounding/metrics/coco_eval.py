@@ -1,17 +1,27 @@
-"""COCO box AP through pycocotools on the original annotation file, gathered across processes.
+"""COCO box AP through pycocotools, on exactly the ground truth the loader kept, gathered across processes.
 
-``CocoBoxMetric`` is a torchmetrics ``Metric``: each process adds its detections, ``compute`` gathers
-them (torchmetrics' distributed sync), drops the copies of images that a distributed sampler evaluated
-twice (it pads the last batch by repeating images), and runs ``COCOeval`` restricted to the evaluated
-images. The detections can be written as a COCO results JSON (``image_id``, ``category_id``,
-``bbox`` [x, y, w, h] in original pixels, ``score``).
+``CocoBoxMetric`` is a torchmetrics ``Metric``: each process adds its detections; ``compute`` gathers them
+(torchmetrics' distributed sync), drops the copies of images that a distributed sampler evaluated twice
+(it pads the last batch by repeating images), runs ``COCOeval`` once, on rank 0, restricted to the
+evaluated images, and broadcasts the 12 statistics to every rank. The ground truth is a pycocotools
+``COCO`` built from the annotations the data loader kept (``CocoDetectionDataModule.ground_truth``), not
+the raw file: a box the loader reported as skipped (NaN, zero area, outside its image) is not silently
+evaluated against.
+
+Statistics that COCOeval reports as undefined (−1: no ground-truth object in an area range, e.g. no large
+objects, or a split without any annotation) are returned as NaN and printed as ``null``; they are never
+turned into 0. The detections can be written as a COCO results JSON, exactly COCO's results format
+(``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in original pixels, ``score``): pycocotools' own
+``loadRes`` adds keys to the dicts it is given, so it only ever sees copies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,36 +43,54 @@ def write_json_atomic(path: str | Path, payload: object) -> None:
     write_atomic(path, dump)
 
 
-def coco_evaluate(annotation_file: str | Path, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
-    """COCOeval box metrics of ``detections`` (COCO results dicts) over ``image_ids`` of the file."""
+def ground_truth_of_file(annotation_file: str | Path):
+    """pycocotools ``COCO`` of every image and annotation of a validated instances file."""
+    from grounding.data.coco_file import ground_truth, read_coco
+
+    coco_file = read_coco(annotation_file)
+    return ground_truth(coco_file, {a["id"] for a in coco_file.annotations}, list(coco_file.images))
+
+
+def coco_evaluate(ground_truth, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """COCOeval box statistics of ``detections`` (COCO results dicts, left unchanged) over ``image_ids``.
+
+    ground_truth: a pycocotools ``COCO`` (or an instances file's path). Undefined statistics are NaN.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if not isinstance(ground_truth, COCO):
+        ground_truth = ground_truth_of_file(ground_truth)
     with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth = COCO(str(annotation_file))
-        if not detections:
-            return {name: 0.0 for name in COCO_STAT_NAMES}
-        results = ground_truth.loadRes(detections)
+        if detections:
+            results = ground_truth.loadRes(copy.deepcopy(detections))
+        else:  # pycocotools' loadRes cannot take an empty list: an empty results set scores every object missed
+            results = COCO()
+            results.dataset = {"images": list(ground_truth.dataset["images"]), "categories": list(ground_truth.dataset["categories"]), "annotations": []}
+            results.createIndex()
         evaluator = COCOeval(ground_truth, results, iouType="bbox")
         evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: max(float(value), 0.0) for name, value in zip(COCO_STAT_NAMES, evaluator.stats)}
+    return {name: (float(value) if value >= 0 else math.nan) for name, value in zip(COCO_STAT_NAMES, evaluator.stats)}
 
 
 class CocoBoxMetric(Metric):
-    """Accumulates detections per image; ``compute`` returns COCO box AP/AP50/.../AR on the original file.
+    """Accumulates detections per image; ``compute`` returns COCO box AP/AP50/.../AR (NaN where undefined).
 
+    ground_truth: pycocotools ``COCO`` of the evaluated split as the loader kept it, or an instances file.
     update(image_ids (B,), boxes list of (n_i, 4) xywh original pixels, scores list of (n_i,),
     category_ids list of (n_i,)). Every image passed to ``update`` counts as evaluated, detections or not.
     """
 
     full_state_update = False
 
-    def __init__(self, annotation_file: str | Path, **kwargs):
+    def __init__(self, ground_truth, **kwargs):
         super().__init__(**kwargs)
-        self.annotation_file = str(annotation_file)
+        from pycocotools.coco import COCO
+
+        self.ground_truth = ground_truth if isinstance(ground_truth, COCO) else ground_truth_of_file(ground_truth)
         # one row per evaluated image occurrence: (image_id, occurrence key)
         self.add_state("images", default=[], dist_reduce_fx="cat")
         # one row per detection: (occurrence key, category_id, x, y, w, h, score)
@@ -113,8 +141,15 @@ class CocoBoxMetric(Metric):
         return sorted(first), results
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The metrics; the gathered detections stay in ``last_results`` (image ids, results) for export."""
+        """The metrics, the same on every rank (COCOeval runs on rank 0 only); the gathered detections stay
+        in ``last_results`` (image ids, results) for export."""
         image_ids, results = self.results()
         self.last_results = (image_ids, results)
-        stats = coco_evaluate(self.annotation_file, results, image_ids)
-        return {name: torch.tensor(value, dtype=torch.float64) for name, value in stats.items()}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        stats = torch.full((len(COCO_STAT_NAMES),), math.nan, dtype=torch.float64, device=self.device)
+        if not distributed or torch.distributed.get_rank() == 0:
+            values = coco_evaluate(self.ground_truth, results, image_ids)
+            stats = torch.tensor([values[name] for name in COCO_STAT_NAMES], dtype=torch.float64, device=self.device)
+        if distributed:
+            torch.distributed.broadcast(stats, src=0)
+        return {name: stats[i].cpu() for i, name in enumerate(COCO_STAT_NAMES)}

@@ -70,6 +70,12 @@ class MaskingConfig:
                     f"MaskingConfig.r1 must have one ratio per level like r0 "
                     f"({len(self.r0)}), got {len(self.r1)}"
                 )
+            for level, (start, end) in enumerate(zip(self.r0, self.r1)):
+                if end < start:
+                    raise ValueError(
+                        f"MaskingConfig.r1 must be >= r0 at every level (the mask ratio grows during training):"
+                        f" level {level} has r1 {end} < r0 {start}"
+                    )
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"MaskingConfig.sigma must be a finite number > 0, got {self.sigma!r}")
         if not (isinstance(self.k0, (int, float)) and 0.0 <= self.k0 <= 1.0):
@@ -86,6 +92,14 @@ class MaskingConfig:
                 raise ValueError(f"MaskingConfig.{name} must be an integer >= 1, got {value!r}")
         self.sigma = float(self.sigma)
         self.k0 = float(self.k0)
+
+    def check_levels(self, num_levels: int) -> None:
+        """r0 must give exactly one ratio per masked feature level of the model (no silent truncation)."""
+        if len(self.r0) != num_levels:
+            raise ValueError(
+                f"MaskingConfig.r0 has {len(self.r0)} ratios but the model has {num_levels} feature levels"
+                f" (strides 8 to {8 * 2 ** (num_levels - 1)}); give exactly one ratio per level"
+            )
 
     @property
     def final_ratios(self) -> tuple[float, ...]:

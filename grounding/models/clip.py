@@ -293,13 +293,12 @@ def build_clip(
     weights, for benchmarks), else a hub id or local folder for ``CLIPModel.from_pretrained``.
     overrides: config fields merged into the random configs (nested dicts key by key); ignored otherwise.
     seed: seeds the random initialization of the random models (None: the global RNG state).
+    tokenizer_dir: also save the random models' offline tokenizer there (nothing is written when None).
     """
     if name_or_path in ("tiny", "vit-b16-random"):
-        import tempfile
-
         from grounding.models.clip_tokenizer import build_clip_tokenizer
 
-        tokenizer = build_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="grounding_clip_tokenizer_"))
+        tokenizer = build_clip_tokenizer(tokenizer_dir)  # built in memory; saved only when a folder is given
         base = TINY_CLIP_CONFIG if name_or_path == "tiny" else VIT_B16_CONFIG
         config = tiny_clip_config(tokenizer, overrides, base)
         config.vision_config._attn_implementation = "eager"

@@ -2,8 +2,8 @@
 
 A pretrained CLIP checkpoint ships its own tokenizer (OpenAI's 49,408-token byte-level BPE). Offline there is
 no such vocabulary, yet the tiny randomly initialised ``CLIPModel`` of the tests and the synthetic-data demo
-still needs one. ``build_clip_tokenizer`` writes a small vocabulary in exactly the format of OpenAI CLIP's
-(``vocab.json`` + ``merges.txt``) and loads it with transformers' own ``CLIPTokenizer``, so the text goes
+still needs one. ``build_clip_tokenizer`` builds a small vocabulary in exactly the format of OpenAI CLIP's
+(``vocab.json`` + ``merges.txt``) in memory with transformers' own ``CLIPTokenizer``, so the text goes
 through the same normalisation (NFC, whitespace collapsing, lower-casing), the same pre-tokenisation regex and
 the same post-processing (``<|startoftext|> ... <|endoftext|>``) as with a real checkpoint.
 
@@ -129,26 +129,22 @@ def bpe_vocabulary(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int]
     return {token: index for index, token in enumerate(tokens)}, ranked
 
 
-def build_clip_tokenizer(out_dir: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> CLIPTokenizer:
-    """Write a CLIP byte-level BPE tokenizer for ``words`` into ``out_dir`` and load it.
+def build_clip_tokenizer(out_dir: str | Path | None = None, words: Iterable[str] = DEFAULT_WORDS) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer for ``words``, built in memory with transformers' own ``CLIPTokenizer``.
 
-    ``out_dir`` receives OpenAI-format ``vocab.json`` and ``merges.txt`` plus transformers'
+    out_dir: also save it there: OpenAI-format ``vocab.json`` and ``merges.txt`` plus transformers'
     ``tokenizer_config.json`` / ``tokenizer.json``, so ``AutoTokenizer.from_pretrained(out_dir)`` gives the
-    same tokenizer. Each pre-token of ``words`` (lower-cased, split as CLIP splits text) is one token
-    ``"<word></w>"``; any other text still tokenizes, into smaller pieces down to single bytes.
+    same tokenizer; None writes nothing. Each pre-token of ``words`` (lower-cased, split as CLIP splits text)
+    is one token ``"<word></w>"``; any other text still tokenizes, into smaller pieces down to single bytes.
     bos = ``<|startoftext|>``, eos = pad = unk = ``<|endoftext|>`` (OpenAI's choice), ``model_max_length`` 77.
 
     transformers 5 has a single ``CLIPTokenizer`` class (backed by the ``tokenizers`` library; there is no
-    separate ``CLIPTokenizerFast``); it is what ``AutoTokenizer`` returns for this folder.
+    separate ``CLIPTokenizerFast``); it is what ``AutoTokenizer`` returns for a saved folder.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = bpe_vocabulary(words)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merge_lines = "".join(f"{left} {right}\n" for left, right in merges)
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(out_dir),
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=[(left, right) for left, right in merges],
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
@@ -159,8 +155,14 @@ def build_clip_tokenizer(out_dir: str | Path, words: Iterable[str] = DEFAULT_WOR
     expected = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN], "vocab_size": len(vocab)}
     if any(ids[key] != value for key, value in expected.items()):
         # a transformers change would silently give the text encoder ids it was not configured for
-        raise RuntimeError(f"tokenizer built in {out_dir} does not use the ids of its vocab.json: {ids}")
-    tokenizer.save_pretrained(str(out_dir))
+        raise RuntimeError(f"the offline CLIP tokenizer does not use the ids of its vocabulary: {ids}")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merge_lines = "".join(f"{left} {right}\n" for left, right in merges)
+        (out_dir / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
+        tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 
 

@@ -14,6 +14,7 @@ one training forward pass, so no model code is copied and nothing changes outsid
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,18 +58,71 @@ def build_grounding_dino(
 
     name_or_path: ``"tiny"`` for the random tiny model, else a hub id or local folder for ``from_pretrained``.
     overrides: config fields (tiny: merged into ``TINY_CONFIG``; pretrained: passed to ``from_pretrained``).
-    tokenizer_dir: where the tiny model's vocabulary is written (a temporary folder if None).
+    tokenizer_dir: also save the tiny model's tokenizer there (it is built in memory; nothing is written
+        when None).
     """
     if name_or_path == "tiny":
-        if tokenizer_dir is None:
-            import tempfile
-
-            tokenizer_dir = tempfile.mkdtemp(prefix="grounding_tokenizer_")
         tokenizer = build_wordpiece_tokenizer(tokenizer_dir)
         config = tiny_grounding_dino_config(len(wordpiece_vocabulary()), overrides)
         return GroundingDinoForObjectDetection(config), tokenizer
     model = GroundingDinoForObjectDetection.from_pretrained(name_or_path, **(overrides or {}))
     return model, load_tokenizer(name_or_path)
+
+
+def untrained_modules(model: GroundingDinoForObjectDetection) -> dict[str, str]:
+    """Modules of transformers' Grounding DINO that never receive a gradient in training, and why.
+
+    - ``model.enc_output``, ``model.enc_output_norm``, ``model.encoder_output_bbox_embed`` (two-stage
+      proposal head): transformers computes the encoder ("_enc") loss on the detached top-k proposals,
+      so nothing downstream of these layers reaches a loss (docs/image.md, "Known limitation").
+    - the Swin backbone's final ``layernorm``: the encoder reads the stage outputs through their own
+      norms, never the last hidden state.
+    DDP needs every trainable parameter to get a gradient (else ``find_unused_parameters`` on every step);
+    ``freeze_untrained`` freezes these, which changes no weight update (they had no gradient anyway).
+    """
+    found: dict[str, str] = {}
+    if model.config.two_stage:
+        for name in ("enc_output", "enc_output_norm", "encoder_output_bbox_embed"):
+            if getattr(model.model, name, None) is not None:
+                found[f"model.{name}"] = "two-stage proposal head: transformers' encoder loss uses detached proposals"
+    backbone = model.model.backbone.conv_encoder.model
+    for name, module in backbone.named_modules():
+        if name.split(".")[-1] == "layernorm" and isinstance(module, nn.LayerNorm):
+            found[f"model.backbone.conv_encoder.model.{name}"] = "backbone's final norm: its output feeds no feature level"
+    return found
+
+
+def freeze_untrained(model: GroundingDinoForObjectDetection) -> list[str]:
+    """Freeze ``untrained_modules``; returns the names of the parameters frozen."""
+    modules = dict(model.named_modules())
+    frozen = []
+    for name in untrained_modules(model):
+        for parameter_name, parameter in modules[name].named_parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(f"{name}.{parameter_name}")
+    return frozen
+
+
+def encoder_token_count(config: GroundingDinoConfig, height: int, width: int) -> int:
+    """Tokens of all feature levels entering the encoder for a (padded) input of height × width pixels.
+
+    Swin embeds patches of ``patch_size`` and halves the grid at each later stage (rounding up, as it pads);
+    the extra levels beyond the backbone's outputs are stride-2 convolutions (kernel 3, padding 1). The
+    two-stage head keeps the top ``num_queries`` of these tokens, so an input with fewer cannot be run.
+    """
+    backbone = config.backbone_config
+    grid_h, grid_w = math.ceil(height / backbone.patch_size), math.ceil(width / backbone.patch_size)
+    stage_sizes = {}
+    for stage, name in enumerate(backbone.stage_names[1:], start=1):
+        if stage > 1:
+            grid_h, grid_w = math.ceil(grid_h / 2), math.ceil(grid_w / 2)
+        stage_sizes[name] = (grid_h, grid_w)
+    sizes = [stage_sizes[name] for name in backbone.out_features]
+    while len(sizes) < config.num_feature_levels:
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sum(h * w for h, w in sizes)
 
 
 def parameter_groups(

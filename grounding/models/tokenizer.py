@@ -4,7 +4,7 @@ A pretrained checkpoint ships its own tokenizer (``bert-base-uncased``'s WordPie
 tiny random models still need one, and transformers' Grounding DINO relies on a few BERT ids being where
 BERT puts them: its label maps split the prompt at [CLS] 101, [SEP] 102, "." 1012 and "?" 1029, and
 treat [PAD] 0 as padding (``SPECIAL_TOKENS`` in ``modeling_grounding_dino``). ``build_wordpiece_tokenizer``
-writes a small WordPiece vocabulary that keeps exactly those ids and covers any lower-case word through
+builds (in memory) a small WordPiece vocabulary that keeps exactly those ids and covers any lower-case word through
 single-character pieces.
 """
 
@@ -50,16 +50,20 @@ def wordpiece_vocabulary(words: tuple[str, ...] = DEFAULT_WORDS) -> list[str]:
     return [token if token is not None else f"[unused{i}]" for i, token in enumerate(vocab)]
 
 
-def build_wordpiece_tokenizer(folder: str | Path, words: tuple[str, ...] = DEFAULT_WORDS) -> BertTokenizerFast:
-    """Write ``vocab.txt`` into ``folder`` and load it as a lower-casing BERT WordPiece tokenizer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(wordpiece_vocabulary(words)) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
+def build_wordpiece_tokenizer(folder: str | Path | None = None, words: tuple[str, ...] = DEFAULT_WORDS) -> BertTokenizerFast:
+    """A lower-casing BERT WordPiece tokenizer over ``wordpiece_vocabulary(words)``, built in memory.
+
+    folder: also save it there (``vocab.txt`` and transformers' tokenizer files), so that
+    ``AutoTokenizer.from_pretrained(folder)`` gives the same tokenizer; None writes nothing.
+    """
+    vocabulary = wordpiece_vocabulary(words)
+    tokenizer = BertTokenizerFast(vocab={token: index for index, token in enumerate(vocabulary)}, do_lower_case=True)
     for token, index in BERT_SPECIAL_IDS.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != index:  # a transformers change would silently break Grounding DINO's label maps
-            raise RuntimeError(f"tokenizer built in {folder} maps {token!r} to {got}, Grounding DINO needs {index}")
+            raise RuntimeError(f"the offline WordPiece tokenizer maps {token!r} to {got}, Grounding DINO needs {index}")
+    if folder is not None:
+        tokenizer.save_pretrained(str(folder))
     return tokenizer
 
 

@@ -1,17 +1,18 @@
-"""Zero-shot ODinW-13 in one command: ``eval.py`` on each of the 13 datasets, per-dataset AP and the mean.
+"""Zero-shot ODinW-13 in one command: ``grounding-eval`` on each of the 13 datasets, per-dataset AP and the mean.
 
     python -m grounding.protocols.odinw --root data/odinw -- --config configs/image/coco.yaml
     python -m grounding.protocols.odinw --root data/odinw --datasets Aquarium pothole -- \\
         --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt
 
-Everything after ``--`` goes to ``eval.py`` for every dataset (model, checkpoint, trainer settings); the
+Everything after ``--`` goes to ``grounding-eval`` for every dataset (model, checkpoint, trainer settings); the
 driver adds ``--data.val_annotations`` / ``--data.val_images`` of the dataset, ``--data.synthetic_root null``
 and a logger folder per dataset (``runs/odinw/<name>``). Each dataset's prompt is built from its own
 category names, as GLIP's zero-shot protocol does. The layout under ``--root`` is the one of the public
 ODinW release (GLIP / ELEVATER), the validation split with ``annotations_without_background.json``:
 ``ODINW13`` below lists the relative paths. A missing dataset is an error naming the file it looked for,
 unless ``--skip-missing``. Prints a table and ends with one JSON line
-``{"datasets": {name: {"AP": .., "AP50": ..}}, "mean_AP": .., "mean_AP50": .., "evaluated": n}``.
+``{"datasets": {name: {"AP": .., "AP50": ..}}, "evaluated": n, "mean_AP": .., "mean_AP_over": n, ...}``
+(a dataset whose statistic is undefined, ``null``, is left out of that mean).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ NAMES = tuple(name for name, _, _ in ODINW13)
 
 def run(root: str | Path, eval_args: list[str], datasets: list[str] | None = None, skip_missing: bool = False,
         save_dir: str = "runs/odinw") -> dict:
-    """Evaluate every selected dataset with ``eval.main`` and return the summary (see the module docstring)."""
-    import eval as eval_script
+    """Evaluate every selected dataset with ``grounding.cli.evaluate`` and return the summary (see the module
+    docstring). A statistic that is undefined on a dataset (``null``) is left out of the mean, which says over
+    how many datasets it was taken."""
+    from grounding.cli import evaluate
 
     unknown = sorted(set(datasets or []) - set(NAMES))
     if unknown:
@@ -61,22 +64,27 @@ def run(root: str | Path, eval_args: list[str], datasets: list[str] | None = Non
                 print(f"{name}: skipped, {annotation_file} not found", flush=True)
                 continue
             raise FileNotFoundError(f"ODinW dataset {name}: annotation file not found: {annotation_file} (--skip-missing to go on)")
-        metrics = eval_script.main([
-            *eval_args, "--split", "val", "--data.synthetic_root", "null",
+        metrics = evaluate([
+            *eval_args, "--data.split", "val", "--data.synthetic_root", "null",
             "--data.val_annotations", str(annotation_file), "--data.val_images", str(image_dir),
             "--trainer.logger.init_args.save_dir", save_dir, "--trainer.logger.init_args.name", name,
         ])
         results[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
-        print(f"{name:24s} AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}", flush=True)
+        print(f"{name:24s} AP {_shown(metrics['AP'])}  AP50 {_shown(metrics['AP50'])}", flush=True)
     if not results:
         raise FileNotFoundError(f"no ODinW-13 dataset found under {root}")
-    mean = {key: sum(r[key] for r in results.values()) / len(results) for key in ("AP", "AP50")}
-    summary = {
-        "datasets": results, "mean_AP": round(mean["AP"], 4), "mean_AP50": round(mean["AP50"], 4), "evaluated": len(results),
-    }
+    summary: dict = {"datasets": results, "evaluated": len(results)}
+    for key in ("AP", "AP50"):
+        defined = [r[key] for r in results.values() if r[key] is not None]
+        summary[f"mean_{key}"] = round(sum(defined) / len(defined), 4) if defined else None
+        summary[f"mean_{key}_over"] = len(defined)
     if len(results) < len(chosen) or len(chosen) < len(NAMES):
         summary["note"] = f"mean over {len(results)} of the 13 datasets"
     return summary
+
+
+def _shown(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,11 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save-dir", default="runs/odinw", help="logger folder; one run per dataset inside")
     args = parser.parse_args(ours)
     summary = run(args.root, eval_args, args.datasets, args.skip_missing, args.save_dir)
-    print(f"{'mean':24s} AP {summary['mean_AP']:.4f}  AP50 {summary['mean_AP50']:.4f}")
+    print(f"{'mean':24s} AP {_shown(summary['mean_AP'])}  AP50 {_shown(summary['mean_AP50'])}")
     print(json.dumps(summary), flush=True)
     return summary
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # eval.py lives at the repository root
     main()

@@ -14,18 +14,16 @@ from pycocotools.coco import COCO
 
 from grounding.data import synthetic as syn
 from grounding.data.images import ImageReadError
-from grounding.data.regions import (
+from grounding.data.region_readers import (
     LabelMask,
     Region,
-    RegionDataModule,
-    RegionDataset,
     RegionImageRecord,
-    collate_regions,
     load_coco_regions,
     load_phrasecut_regions,
     load_refcoco_regions,
     load_semantic_regions,
 )
+from grounding.data.regions import RegionDataModule, RegionDataset, collate_regions
 
 # pycocotools' decode triggers a numpy-2 DeprecationWarning inside pycocotools itself
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -230,7 +228,27 @@ def test_missing_images_are_counted_skips_in_every_reader(tmp_path):
     for stem in ("a", "nothing"):
         Image.fromarray(np.ones((30, 40), dtype=np.uint8), mode="L").save(labels / f"{stem}.png")
     records, _, report = load_semantic_regions(tmp_path, labels, write_classes(tmp_path))
-    assert [r.image_id for r in records] == ["a"] and report.counts == {"missing image": 1}
+    # "nothing.png" has no image; the image "1.jpg" has no label PNG: neither is dropped without a word
+    assert [r.image_id for r in records] == ["a"] and report.counts == {"missing image": 1, "missing label PNG": 1}
+    assert "1.png" in report.examples["missing label PNG"][0]
+
+
+def test_semantic_image_list_selects_the_split_and_reports_missing_labels(tmp_path, caplog):
+    for stem in ("a", "b", "c"):
+        save_rgb(tmp_path, f"{stem}.jpg")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for stem in ("a", "c"):
+        Image.fromarray(np.ones((30, 40), dtype=np.uint8), mode="L").save(labels / f"{stem}.png")
+    listing = tmp_path / "val.txt"
+    listing.write_text("a\nb\n")
+    with caplog.at_level(logging.WARNING):
+        records, _, report = load_semantic_regions(tmp_path, labels, write_classes(tmp_path), image_list=listing)
+        report.log()
+    assert [r.image_id for r in records] == ["a"]  # c is not in the list
+    assert report.counts == {"missing label PNG": 1} and "b.png" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"image list not found: .*nope.txt"):
+        load_semantic_regions(tmp_path, labels, write_classes(tmp_path), image_list=tmp_path / "nope.txt")
 
 
 def test_semantic_image_with_only_background_and_ignore_is_a_counted_skip(tmp_path):

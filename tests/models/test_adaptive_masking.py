@@ -246,13 +246,22 @@ def test_random_mask_is_uniform():
 
 
 def test_schedule_formulas_and_clamp():
-    cfg = MaskingConfig(r0=[0.1, 0.2, 0.3, 0.4], r1=[0.5, 0.4, 0.3, 0.2], k0=0.5)
+    cfg = MaskingConfig(r0=[0.1, 0.2, 0.3, 0.4], r1=[0.5, 0.4, 0.3, 0.9], k0=0.5)
     for p, want_k in [(0.0, 0.5), (0.5, 0.25), (1.0, 0.0), (-1.0, 0.5), (3.0, 0.0)]:
         ratios, k = schedule(p, cfg, 4)
         q = min(max(p, 0.0), 1.0)
-        want = [a + (z - a) * q for a, z in zip([0.1, 0.2, 0.3, 0.4], [0.5, 0.4, 0.3, 0.2])]
+        want = [a + (z - a) * q for a, z in zip([0.1, 0.2, 0.3, 0.4], [0.5, 0.4, 0.3, 0.9])]
         assert ratios == pytest.approx(want) and k == pytest.approx(want_k)
     assert schedule(0.5, cfg, 2)[0] == pytest.approx([0.3, 0.3])
+
+
+def test_ratio_lists_must_match_the_model_and_grow():
+    with pytest.raises(ValueError, match=r"MaskingConfig.r1 must be >= r0 at every level .* level 1 has r1 0.1 < r0 0.2"):
+        MaskingConfig(r0=[0.1, 0.2], r1=[0.3, 0.1])
+    for ratios in ([0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5]):
+        with pytest.raises(ValueError, match=rf"MaskingConfig.r0 has {len(ratios)} ratios but the model has 4 feature levels"):
+            MaskingConfig(r0=ratios).check_levels(4)
+    MaskingConfig().check_levels(4)
 
 
 def test_schedule_default_r1_and_fixed():

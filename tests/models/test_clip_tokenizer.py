@@ -141,3 +141,18 @@ def test_tiny_clip_text_model_pools_at_the_eos_token(tokenizer):
     torch.testing.assert_close(out.pooler_output, expected)
     # the check can fail: the last (padding) position holds a different state for the shorter texts
     assert not torch.allclose(out.pooler_output[0], out.last_hidden_state[0, -1])
+
+
+def test_built_in_memory_writes_nothing_and_equals_the_saved_one(tmp_path, monkeypatch, tokenizer):
+    import tempfile
+
+    from grounding.models.clip import build_clip
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    in_memory = build_clip_tokenizer()
+    backbone = build_clip("tiny", image_size=32)
+    assert list(tmp_path.iterdir()) == []
+    texts = ["a photo of a red circle.", "zebra café", "the second largest blue star"]
+    assert in_memory(texts, padding=True)["input_ids"] == tokenizer(texts, padding=True)["input_ids"]
+    assert backbone.tokenizer(texts, padding=True)["input_ids"] == tokenizer(texts, padding=True)["input_ids"]

@@ -24,3 +24,22 @@ def test_vocabulary_has_no_duplicates_and_keeps_every_special_id():
     assert len(vocab) == len(set(vocab))
     for token, index in BERT_SPECIAL_IDS.items():
         assert vocab[index] == token
+
+
+def test_built_in_memory_writes_nothing_and_equals_the_saved_tokenizer(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from grounding.models.grounding_dino import build_grounding_dino
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    in_memory = build_wordpiece_tokenizer()
+    _, model_tokenizer = build_grounding_dino("tiny", {"num_queries": 10})
+    assert list((tmp_path / "tmp").iterdir()) == []  # no folder left behind per run
+    saved = AutoTokenizer.from_pretrained(str(build_wordpiece_tokenizer(tmp_path / "saved") and tmp_path / "saved"))
+    texts = ["red circle . blue square .", "Zebra crossing 42 ?", "the leftmost one"]
+    for tokenizer in (model_tokenizer, saved):
+        assert tokenizer(texts)["input_ids"] == in_memory(texts)["input_ids"]
