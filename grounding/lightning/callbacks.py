@@ -105,9 +105,7 @@ class LastCheckpoint(Callback):
 
     # ------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.dirpath is None:
+        if stage == "fit" and self.dirpath is None:
             root = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank makes it
             self.dirpath = str(Path(root) / "checkpoints")
         # the environment Lightning's own signal handling looks at (also for a single device under SLURM)

@@ -190,3 +190,101 @@ def test_unknown_or_conflicting_lr_schedule_is_a_clear_error():
         make_module("none", lr_schedule="linear")
     with pytest.raises(ValueError, match=r"model.lr_drop_epochs=\[5\] has no effect with model.lr_schedule=cosine"):
         make_module("none", lr_schedule="cosine", lr_drop_epochs=[5])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": -1e-4}, r"model.lr must be a finite number > 0, got -0.0001"),
+        ({"lr_backbone": 0.0}, r"model.lr_backbone must be a finite number > 0, got 0.0"),
+        ({"weight_decay": -1.0}, r"model.weight_decay must be a finite number >= 0"),
+        ({"num_detections": 0}, r"model.num_detections must be an integer >= 1 \(detections kept per image\), got 0"),
+        ({"lr_drop_epochs": [8, 4]}, r"model.lr_drop_epochs must be increasing epochs >= 1"),
+        ({"max_nonfinite_steps": 0}, r"model.max_nonfinite_steps must be an integer >= 1"),
+    ],
+)
+def test_bad_settings_fail_at_construction_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_module("none", **kwargs)
+
+
+@pytest.mark.parametrize("ratios", [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5]])
+def test_mask_ratios_must_match_the_models_levels_at_construction(ratios):
+    with pytest.raises(ValueError, match=rf"MaskingConfig.r0 has {len(ratios)} ratios but the model has 4 feature levels"):
+        ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG, masking=MaskingConfig(r0=ratios))
+
+
+def test_an_image_size_too_small_for_the_model_fails_before_any_batch(synthetic_root):
+    module = make_module("none")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    # 32 px: 8x8 + 4x4 + 2x2 + 1x1 + 1x1 = 86... per level grids give 22 tokens < num_queries 30
+    with pytest.raises(ValueError, match=r"data.image_size / data.train_scales \(smallest side 32\): a 32x32 px input gives 22 encoder"
+                                         r" tokens, fewer than the model's num_queries=30; raise data.image_size"):
+        trainer.validate(module, datamodule=datamodule(synthetic_root, image_size=32, max_size=64))
+
+
+class Snapshots(L.Callback):
+    def __init__(self):
+        self.weights, self.steps = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.weights.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+        self.steps.append(trainer.global_step)
+
+
+def test_nonfinite_losses_skip_their_step_and_stop_the_run_after_the_limit(synthetic_root):
+    from grounding.lightning.guards import NonFiniteLossError
+
+    module = make_module("none", max_nonfinite_steps=3)
+    forward, calls = module.detector.forward, {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):  # calls 2, 4, 5, 6 give a NaN loss
+        outputs = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (2, 4, 5, 6):
+            outputs.loss = outputs.loss * float("nan")
+        return outputs
+
+    module.detector.forward = sometimes_nan
+    snapshots = Snapshots()
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots])
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite \(NaN/inf\) losses in a row at step 5 \(4 skipped in all\);"
+                                                 r" stopping \(model.max_nonfinite_steps=3\)"):
+        trainer.fit(module, datamodule=datamodule(synthetic_root))
+    assert len(snapshots.weights) == 5  # the 6th call raised
+    first, skipped, third = snapshots.weights[:3]
+    assert all(torch.equal(first[n], skipped[n]) for n in first)  # no update at all from the NaN step
+    assert any(not torch.equal(skipped[n], third[n]) for n in first)  # the next finite step trains again
+    assert all(torch.isfinite(p).all() for p in snapshots.weights[-1].values())
+    assert module.nonfinite.skipped == 4
+
+
+class FakeStrategy:
+    def __init__(self, other_ranks_boxes):
+        self.other = other_ranks_boxes
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + self.other
+
+
+class FakeTrainer:
+    world_size = 2
+
+    def __init__(self, other_ranks_boxes):
+        self.strategy = FakeStrategy(other_ranks_boxes)
+
+
+def test_ddp_loss_normalization_equals_one_process_over_the_global_batch():
+    """transformers normalizes a process's loss sum S_r by its own box count n_r; DDP averages the ranks'
+    gradients. After the factor, mean_r(S_r / n_r * factor_r) = (S_0 + S_1) / (n_0 + n_1): one process's loss."""
+    module = make_module("none")
+    sums, counts = (7.0, 2.5), (3, 1)
+    scaled = []
+    for rank in (0, 1):
+        module._trainer = FakeTrainer(other_ranks_boxes=counts[1 - rank])
+        labels = [{"boxes": torch.zeros(counts[rank], 4)}]
+        scaled.append(sums[rank] / counts[rank] * module._global_box_normalization(labels))
+    module._trainer = None
+    assert sum(scaled) / 2 == pytest.approx(sum(sums) / sum(counts))

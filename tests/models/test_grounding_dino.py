@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from grounding.data.prompts import build_prompts
-from grounding.models.grounding_dino import build_grounding_dino, level_valid_masks, parameter_groups
+from grounding.models.grounding_dino import (
+    build_grounding_dino,
+    encoder_token_count,
+    freeze_untrained,
+    level_valid_masks,
+    parameter_groups,
+    untrained_modules,
+)
 
 from ..conftest import TEST_MODEL_CONFIG
 
@@ -70,3 +77,44 @@ def test_level_valid_masks_downsample_the_pixel_mask():
     pixel_mask[0, :8, :12] = 1
     (valid,) = level_valid_masks(pixel_mask, [(4, 4)])
     assert valid[0].tolist() == [[True, True, True, False], [True, True, True, False], [False] * 4, [False] * 4]
+
+
+def training_step_gradients(model, tokenizer, height=96, width=128):
+    prompt = build_prompts({1: "red circle", 2: "blue square"}, tokenizer, model.config.max_text_len)[0]
+    ids = prompt.input_ids[None].repeat(2, 1)
+    labels = [{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])}] * 2
+    model.train()
+    model(pixel_values=torch.randn(2, 3, height, width), input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    return {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+@pytest.mark.parametrize("freeze_text", [False, True])
+def test_after_freezing_every_trainable_parameter_gets_a_gradient(freeze_text):
+    """What DDP needs to run without find_unused_parameters; and exactly the documented modules are dead."""
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    if freeze_text:
+        model.model.text_backbone.requires_grad_(False)
+    dead = training_step_gradients(model, tokenizer)
+    documented = untrained_modules(model)
+    assert set(documented) == {"model.enc_output", "model.enc_output_norm", "model.encoder_output_bbox_embed",
+                               "model.backbone.conv_encoder.model.swin.layernorm"}
+    assert dead == {n for n, _ in model.named_parameters() if any(n.startswith(m + ".") for m in documented)}
+    model.zero_grad(set_to_none=True)
+    frozen = freeze_untrained(model)
+    assert set(frozen) == dead
+    assert training_step_gradients(model, tokenizer) == set()
+
+
+@pytest.mark.parametrize("height, width", [(96, 96), (96, 131), (128, 214), (200, 75)])
+def test_encoder_token_count_equals_the_model_feature_maps(height, width):
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    sizes = []
+    hooks = [p.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-2] * o.shape[-1])) for p in model.model.input_proj_vision]
+    ids = tokenizer(["red circle ."], return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, height, width), input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(sizes) == model.config.num_feature_levels
+    assert encoder_token_count(model.config, height, width) == sum(sizes)
