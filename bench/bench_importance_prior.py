@@ -1,4 +1,4 @@
-"""Time and peak memory of the IMAGE importance prior (SPEC §1) at the stride-8 level.
+"""Time and peak memory of the IMAGE importance prior (docs/image.md) at the stride-8 level.
 
 The stride-8 level of an 800×1333 image is a 100×167 grid (N = 16,700 tokens, D = 256); a dense
 N×N float32 attention matrix would need N²·4 bytes ≈ 1.1 GB per image. Two settings are measured,

@@ -12,8 +12,9 @@ Every run also gets ``--checkpoint.*`` (``LastCheckpoint``: last.ckpt at every e
 and on SIGTERM/SIGUSR1), ``--progress.*`` (plain progress lines when the output is not a terminal) and
 atomic checkpoint writes (``grounding.lightning.callbacks``).
 
-- ``train``: evaluates the untrained model (``--validate_before_fit``), fits, evaluates again, prints one
-  JSON line ``{"untrained": {...}, "trained": {...}, "run_dir": ..., "steps": ...}``.
+- ``train``: evaluates the untrained model (``--validate_before_fit``), fits, evaluates the trained model
+  (the validation of fit's last step when there was one: the same weights), prints one JSON line
+  ``{"untrained": {...}, "trained": {...}, "run_dir": ..., "steps": ...}``.
 - ``evaluate``: ``Trainer.test`` of any method on its DataModule's evaluation split (``--data.split``),
   prints ``{"split": ..., <metrics>, "run_dir": ...}``. Undefined metrics are printed as ``null``.
 
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Iterator
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -84,8 +87,10 @@ class GroundingCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
-        if not trainer_config.get("plugins"):
-            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):  # atomic writes unless the user chose
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         if trainer_config.get("enable_progress_bar") is None:  # a bar only on a terminal; TextProgress otherwise
             kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
         return super().instantiate_trainer(**kwargs)
@@ -99,6 +104,10 @@ def build_cli(args: list[str] | None = None) -> GroundingCLI:
     """
     if args is None:
         sys.argv[1:] = resolve_arguments(None)
+    # CPU arithmetic on denormal floats (|x| < 1.2e-38: softmax tails of sharpening attention) is many times
+    # slower; flushing them to zero changes no result that matters and made the CPU demo's training steps
+    # 1.5x faster once the model had trained a while (0.25 -> 0.16 s, BENCHMARKS.md). No effect on GPUs.
+    torch.set_flush_denormal(True)
     return GroundingCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -145,6 +154,18 @@ def _run() -> Iterator[None]:
     finish_distributed()
 
 
+class _LastValidation(L.Callback):
+    """The metrics of the last validation inside ``fit`` and the step it ran at."""
+
+    def __init__(self):
+        self.step, self.metrics = None, {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+            self.metrics = metrics_line("val/", [{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}])
+
+
 def print_json(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
 
@@ -160,8 +181,14 @@ def train(args: list[str] | None = None) -> dict:
         before = {}
         if validates and cli.config.validate_before_fit and cli.config.ckpt_path is None:
             before = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False))
+        last_validation = _LastValidation()
+        trainer.callbacks.append(last_validation)
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
-        after = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False)) if validates else {}
+        after = {}
+        if validates and last_validation.step == trainer.global_step:  # fit ended with a validation: same weights
+            after = last_validation.metrics
+        elif validates:
+            after = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False))
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         summary = {"untrained": before, "trained": after, "run_dir": run_dir, "steps": trainer.global_step}
         if trainer.is_global_zero:

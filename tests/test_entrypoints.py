@@ -52,13 +52,20 @@ def test_train_writes_checkpoints_logs_and_predictions(training_run):
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == summary["steps"]  # the latest weights, whether or not AP improved
     assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) == 1  # and the best one
+    # the untrained model's validation, then one per epoch; the last one is the trained model's (no duplicate run)
     assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["val.json", "val_epoch000.json", "val_epoch001.json"]
+    trained = json.loads((run_dir / "predictions" / "val_epoch001.json").read_text())
+    assert len(trained) == 5 * 30 * 6 or len(trained) == 5 * 300  # top (query, category) pairs of the 5 val images
     events = EventAccumulator(str(run_dir))
     events.Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "val/AP", "val/AP50", "mask/strength_k"} <= scalars
     assert {f"mask/ratio_level{level}" for level in range(4)} <= scalars
     assert {"val/predictions", "train/masks"} <= images
+    # pictures a researcher reads: ground truth | predictions at >= 512 px each; the 4 level masks over the image
+    predictions, masks = events.Images("val/predictions")[-1], events.Images("train/masks")[-1]
+    assert predictions.width >= 2 * 512 and predictions.height >= 512
+    assert masks.width >= 4 * 512 and masks.height >= 512
     strengths = [e.value for e in events.Scalars("mask/strength_k")]
     assert strengths[0] == pytest.approx(0.5) and strengths == sorted(strengths, reverse=True)  # k decays
 

@@ -1,4 +1,4 @@
-"""Text prompts for Grounding DINO built from category names (SPEC §1, "Prompt").
+"""Text prompts for Grounding DINO built from category names (docs/image.md "Prompt").
 
 Category names are lower-cased and joined as ``"cat . dog . person ."``; each category owns the tokens of
 its phrase. transformers' Grounding DINO finds phrases by splitting the token sequence at its delimiter
@@ -30,10 +30,6 @@ class Prompt:
     category_ids: list[int]
     input_ids: torch.Tensor  # (T,) long, T <= L
     positive_map: torch.Tensor  # (C, L) float
-
-    @property
-    def num_categories(self) -> int:
-        return len(self.category_ids)
 
 
 def phrase_positions(input_ids: torch.Tensor) -> torch.Tensor:

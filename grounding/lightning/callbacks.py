@@ -97,6 +97,8 @@ class LastCheckpoint(Callback):
         self._saved_at: tuple[int, int] | None = None  # (global step, batches seen) of the last save
         self._gather_rng = False
         self._rng_to_restore: list[dict] | None = None
+        self._loader_to_restore: dict | None = None
+        self._trainer: L.Trainer | None = None
         self._previous_usr1: Any = None
 
     @property
@@ -105,6 +107,7 @@ class LastCheckpoint(Callback):
 
     # ------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage == "fit" and self.dirpath is None:
             root = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank makes it
             self.dirpath = str(Path(root) / "checkpoints")
@@ -174,17 +177,38 @@ class LastCheckpoint(Callback):
             else:
                 rank_zero_warn(f"interrupted outside a training step: {self.path} is from step {self._saved_at}")
 
-    # ------------------------------------------------------------------------------------- random states
+    # ------------------------------------------------------------------------------------- resumable state
     def state_dict(self) -> dict:
         states = [_rng_state()]
         if self._gather_rng and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, states[0])
             states = gathered
-        return {"rng_states": states}
+        state = {"rng_states": states}
+        loader = self._train_loader()
+        if loader is not None:
+            state["train_loader"] = loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng_to_restore = state_dict.get("rng_states")
+        self._loader_to_restore = state_dict.get("train_loader")
+
+    def _train_loader(self):
+        """The training loader when it can resume mid-epoch (``ResumableDataLoader``), else None."""
+        from grounding.data.sampling import ResumableDataLoader
+
+        loader = getattr(self._trainer, "train_dataloader", None) if self._trainer is not None else None
+        return loader if isinstance(loader, ResumableDataLoader) else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning restores a loader's state only if the loader was first built after the checkpoint's loop
+        # state was read; a module asking for ``trainer.estimated_stepping_batches`` in configure_optimizers
+        # (a cosine schedule) builds it earlier, and the resumed epoch would replay its first batches.
+        loader = self._train_loader()
+        if self._loader_to_restore is not None and loader is not None:
+            loader.load_state_dict(self._loader_to_restore)
+        self._loader_to_restore = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         # restored here, after everything between the checkpoint and the first resumed step that an

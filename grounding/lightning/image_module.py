@@ -1,4 +1,4 @@
-"""IMAGE: Grounding DINO trained with adaptive masking of its multi-scale feature maps (SPEC §1).
+"""IMAGE: Grounding DINO trained with adaptive masking of its multi-scale feature maps (docs/image.md).
 
 Training runs the detector with transformers' own loss while ``feature_masking`` masks the encoder's
 input maps; the schedule's progress p = global step / total steps comes from the Trainer. Validation,
@@ -44,10 +44,10 @@ class ImageGroundingModule(L.LightningModule):
         model_config: config overrides (tiny: merged into ``TINY_CONFIG``; pretrained: ``from_pretrained`` kwargs).
         masking: IMAGE settings (``MaskingConfig``: variant rf_gam/threshold/random/none, r0, r1, sigma, k0,
             progressive, tau, max_tokens); ``variant: none`` trains the plain detector.
-        lr, lr_backbone, lr_text_encoder, weight_decay: AdamW groups (SPEC §1: 1e-4, 1e-5, 1e-5, 1e-4).
-        freeze_text_encoder: keep BERT frozen (SPEC default).
+        lr, lr_backbone, lr_text_encoder, weight_decay: AdamW groups (docs/image.md: 1e-4, 1e-5, 1e-5, 1e-4).
+        freeze_text_encoder: keep BERT frozen (the paper's default).
         lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs (``lr_schedule: step``).
-        lr_schedule: ``step`` (the SPEC's step decay; constant without ``lr_drop_epochs``) or ``cosine``
+        lr_schedule: ``step`` (the paper's step decay; constant without ``lr_drop_epochs``) or ``cosine``
             (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).
         num_detections: detections kept per image at evaluation (top (query, category) pairs).
         log_images: TensorBoard pictures: ground truth | predictions of the first validation image, and the

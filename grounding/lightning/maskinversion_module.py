@@ -3,13 +3,13 @@
 ``test_step`` / ``predict_step`` take a batch of ``RegionDataModule`` samples (one image with its region
 masks each) and embed every region with each method of ``methods``:
 
-- ``maskinversion``: the LETs of ``grounding.models.maskinversion.MaskInversion`` (SPEC §3);
+- ``maskinversion``: the LETs of ``grounding.models.maskinversion.MaskInversion`` (docs/maskinversion.md);
 - ``global``: the image's global CLIP embedding (the same for all its regions);
 - ``crop``: CLIP embedding of the crop to the mask's box;
 - ``masked_crop``: the same crop with the pixels outside the mask set to the CLIP mean colour;
 - ``red_circle``: the whole image with a red ellipse drawn around the region.
 
-Protocols (Acc@1, SPEC §3): ``class`` — cosine with "a photo of a {class}." for every class of the
+Protocols (Acc@1, docs/maskinversion.md): ``class`` — cosine with "a photo of a {class}." for every class of the
 dataset (``RegionDataModule.class_names``), right when the top-1 class is the region's; ``referring`` —
 cosine with every referring expression of the image, right when the top-1 is one of the region's own.
 Metrics are logged as ``test/acc1_<method>`` (torchmetrics, gathered across processes, regions repeated by
@@ -34,6 +34,7 @@ from grounding.metrics.retrieval import RetrievalAccuracy, region_key, top1_corr
 from grounding.models.clip import build_clip
 from grounding.models.maskinversion import MaskInversion
 from grounding.utils import write_atomic
+from grounding.visualize import overlay_heatmap, panel_row, upscale
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class MaskInversionModule(L.LightningModule):
         backbone: ``"tiny"`` (random tiny CLIP, offline tokenizer), ``"vit-b16-random"``, or a hub id /
             local folder of a CLIP checkpoint in HF format (``openai/clip-vit-base-patch16``, LAION, MetaCLIP).
         backbone_config: config overrides of the random backbones.
-        image_size: CLIP input size (position embeddings resampled; SPEC: 448).
-        antialias: antialiased bicubic resampling of the position embeddings (SPEC), else transformers' plain one.
+        image_size: CLIP input size (position embeddings resampled; the paper: 448).
+        antialias: antialiased bicubic resampling of the position embeddings (as the references do), else transformers' plain one.
         protocol: ``class`` or ``referring`` retrieval.
         methods: which of maskinversion, global, crop, masked_crop, red_circle to run.
         iterations, lr, weight_decay, optimizer, mode, layers, chunk_size: MaskInversion settings.
@@ -256,15 +257,17 @@ class MaskInversionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- logging
     def _log_maps(self, sample: dict, inversion) -> None:
+        """image | mask | LeGrad map before | after the inversion, maps over the image, at a readable size."""
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
             return
-        image = sample["image"].float().cpu() / 255.0
+        image, _ = upscale(sample["image"].cpu())
         for r in range(min(sample["masks"].shape[0], self.hparams.log_regions - self._logged)):
             mask = sample["masks"][r].float().cpu()
-            before = inversion.initial_maps[r].float().cpu()
-            after = inversion.maps[r].float().cpu()
-            panels = [image, mask.expand(3, -1, -1), before.expand(3, -1, -1), after.expand(3, -1, -1)]
+            panels = [image, overlay_heatmap(image, mask), overlay_heatmap(image, inversion.initial_maps[r].float().cpu()),
+                      overlay_heatmap(image, inversion.maps[r].float().cpu())]
+            name = sample["class_names"][r] or (sample["expressions"][r][0] if sample["expressions"][r] else "")
+            titles = ["image", f"mask: {name}"[:40], "LeGrad before", "LeGrad after"]
             tag = f"maskinversion/{sample['image_id']}_{sample['region_ids'][r]}"
-            experiment.add_image(tag, torch.cat(panels, dim=2).clamp(0, 1), self._logged)
+            experiment.add_image(tag, panel_row(panels, titles), self._logged)
             self._logged += 1

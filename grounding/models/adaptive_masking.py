@@ -1,9 +1,9 @@
-"""IMAGE adaptive masking of the multi-scale feature maps of Grounding DINO (SPEC.md §1).
+"""IMAGE adaptive masking of the multi-scale feature maps of Grounding DINO (docs/image.md).
 
 The masking sits between the backbone and the transformer encoder: every level l of the
 feature pyramid (stride 8 -> 64) is masked on its salient patches during training only.
 
-Pipeline per level (SPEC §1, "Importance prior" and "Masks"):
+Pipeline per level (docs/image.md "Importance prior" and "Masks"):
 
 1. ``importance_prior``: parameter-free self-attention importance I_j of every patch, in [0, 1].
 2. ``top_ratio_points``: the top r_l(p)·N patches by importance.
@@ -31,13 +31,13 @@ VARIANTS = ("rf_gam", "threshold", "random", "none")
 
 @dataclass
 class MaskingConfig:
-    """Settings of the IMAGE adaptive masking (SPEC §1 "Masks").
+    """Settings of the IMAGE adaptive masking (docs/image.md "Masks").
 
     Attributes:
         variant: "rf_gam" (Gaussian radiance-field mask), "threshold" (binary top-r mask),
             "random" (ablation: same count, uniformly random patches) or "none" (no masking).
         r0: initial mask ratio per level, from stride 8 to stride 64.
-        r1: final mask ratio per level. None -> min(r0 + 0.20, 1) **[choice]** (SPEC §1).
+        r1: final mask ratio per level. None -> min(r0 + 0.20, 1) **[choice]** (docs/image.md).
         sigma: RF-GAM Gaussian standard deviation, in patches. Default 1.0 **[choice]**.
         k0: initial residual strength kept inside the mask (k(0) = k0).
         progressive: False keeps r0 and k0 fixed for the whole training (ablation).
@@ -194,7 +194,7 @@ def importance_prior(
     max_tokens: int = 1024,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """Parameter-free importance of every patch of a feature map (SPEC §1 "Importance prior").
+    """Parameter-free importance of every patch of a feature map (docs/image.md "Importance prior").
 
     x̂_i = x_i/‖x_i‖₂, A = softmax_row(x̂ x̂ᵀ / τ), I_j = (1/N) Σ_i A_ij (the attention patch j
     receives), min-max normalized to [0, 1] per image. **[choice]** parameter-free, no gradient,
@@ -261,7 +261,7 @@ def importance_prior(
 
 
 def top_ratio_points(importance: Tensor, ratio: float, valid: Tensor | None = None) -> Tensor:
-    """The top round(ratio·N_b) valid positions of each image by importance (SPEC §1 "Masks").
+    """The top round(ratio·N_b) valid positions of each image by importance (docs/image.md "Masks").
 
     The count rounds half up (floor(ratio·N_b + 0.5)). Ties are broken by a stable sort: among
     equal importances the earlier position in row-major order wins. Padding is never selected.
@@ -295,7 +295,7 @@ def top_ratio_points(importance: Tensor, ratio: float, valid: Tensor | None = No
 
 
 def threshold_mask(importance: Tensor, ratio: float, valid: Tensor | None = None) -> Tensor:
-    """Threshold variant (SPEC §1): M_j = 1 for the top ratio·N_b patches by importance, else 0.
+    """Threshold variant (docs/image.md): M_j = 1 for the top ratio·N_b patches by importance, else 0.
 
     Args:
         importance: (B, H, W) scores.
@@ -319,7 +319,7 @@ def gaussian_kernel(sigma: float, dtype: torch.dtype = torch.float32, device=Non
 def radiance_field_mask(
     importance: Tensor, ratio: float, sigma: float, valid: Tensor | None = None
 ) -> Tensor:
-    """RF-GAM mask (SPEC §1 "Masks"): a Gaussian radiance field of the top-r patches.
+    """RF-GAM mask (docs/image.md "Masks"): a Gaussian radiance field of the top-r patches.
 
     The top ratio·N_b patches p radiate with intensity I_p:
     R(x, y) = Σ_p I_p exp(−‖(x, y) − (x_p, y_p)‖² / (2σ²)), M = R / max R per image.
@@ -359,7 +359,7 @@ def random_mask(
     valid: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Random variant (SPEC §1 ablation): round(ratio·N_b) valid patches chosen uniformly.
+    """Random variant (docs/image.md, ablation): round(ratio·N_b) valid patches chosen uniformly.
 
     Args:
         like: a (B, H, W) tensor (its shape, device and floating dtype are used) or the shape.
@@ -387,7 +387,7 @@ def random_mask(
 
 
 def schedule(progress: float, config: MaskingConfig, num_levels: int) -> tuple[list[float], float]:
-    """Progressive ratios and strength (SPEC §1 "Masks").
+    """Progressive ratios and strength (docs/image.md "Masks").
 
     r_l(p) = r0_l + (r1_l − r0_l)·p and k(p) = k0·(1 − p), with p clamped to [0, 1];
     ``config.progressive = False`` gives (r0, k0) at any p.
@@ -418,7 +418,7 @@ def schedule(progress: float, config: MaskingConfig, num_levels: int) -> tuple[l
 
 
 def apply_mask(x: Tensor, mask: Tensor, k: float) -> Tensor:
-    """x' = x · (1 − (1 − k)·M) (SPEC §1 "Application"), M broadcast over channels.
+    """x' = x · (1 − (1 − k)·M) (docs/image.md "Application"), M broadcast over channels.
 
     Args:
         x: (B, D, H, W) features; gradients flow through x.
@@ -436,7 +436,7 @@ def apply_mask(x: Tensor, mask: Tensor, k: float) -> Tensor:
 
 
 class AdaptiveMasking(nn.Module):
-    """IMAGE adaptive masking of a feature pyramid during training (SPEC §1).
+    """IMAGE adaptive masking of a feature pyramid during training (docs/image.md).
 
     Parameter-free (empty state_dict). Active only when ``self.training`` and
     ``config.variant != "none"``; otherwise it returns its inputs unchanged (the very same

@@ -5,7 +5,7 @@ MetaCLIP checkpoints in HF format) loads ``CLIPModel`` with the checkpoint's own
 statistics; ``build_clip("tiny")`` builds a small random model from ``TINY_CLIP_CONFIG`` with a CLIP BPE
 tokenizer made offline (``grounding.models.clip_tokenizer``).
 
-``ClipBackbone`` wraps the model for the explainability methods (SPEC §2): images are resized to
+``ClipBackbone`` wraps the model for the explainability methods (docs/maskinversion.md): images are resized to
 ``image_size`` (448 px by default) and the patch position embeddings resampled to the new grid with
 bicubic **antialiased** interpolation (the public LeGrad / MaskInversion / GEM code does that; transformers'
 own ``interpolate_pos_encoding`` is plain bicubic, offered by ``antialias=False``). The vision tower runs
@@ -226,12 +226,12 @@ class ClipBackbone(nn.Module):
         return tokens
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., T, d) -> normalized projected mean of ALL tokens (LeGrad's f_l, SPEC §2)."""
+        """Hidden states (..., T, d) -> normalized projected mean of ALL tokens (LeGrad's f_l, docs/maskinversion.md)."""
         pooled = self.vision.post_layernorm(tokens.mean(dim=-2))
         return F.normalize(self.model.visual_projection(pooled), dim=-1)
 
     def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        """A mean token (..., d) -> normalized projected embedding (the map m -> f of SPEC §2)."""
+        """A mean token (..., d) -> normalized projected embedding (the map m -> f of docs/maskinversion.md)."""
         return F.normalize(self.model.visual_projection(self.vision.post_layernorm(pooled)), dim=-1)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ checkpoint with its own tokenizer; ``build_grounding_dino("tiny")`` builds a sma
 ``TINY_CONFIG`` (plus overrides) with a WordPiece tokenizer made offline (``grounding.models.tokenizer``).
 The loss is the library's own (``GroundingDinoForObjectDetection(..., labels=...)``).
 
-IMAGE masks the multi-scale maps between the backbone and the encoder (SPEC §1, "Where masking
+IMAGE masks the multi-scale maps between the backbone and the encoder (docs/image.md "Where masking
 happens"): the outputs of ``model.model.input_proj_vision[l]``, the 3 projected backbone stages and the
 extra stride-2 level. ``feature_masking`` attaches forward hooks to those projections for the duration of
 one training forward pass, so no model code is copied and nothing changes outside the ``with`` block.
@@ -74,7 +74,7 @@ def untrained_modules(model: GroundingDinoForObjectDetection) -> dict[str, str]:
 
     - ``model.enc_output``, ``model.enc_output_norm``, ``model.encoder_output_bbox_embed`` (two-stage
       proposal head): transformers computes the encoder ("_enc") loss on the detached top-k proposals,
-      so nothing downstream of these layers reaches a loss (docs/image.md, "Known limitation").
+      so nothing downstream of these layers reaches a loss (docs/image.md "Known limitation").
     - the Swin backbone's final ``layernorm``: the encoder reads the stage outputs through their own
       norms, never the last hidden state.
     DDP needs every trainable parameter to get a gradient (else ``find_unused_parameters`` on every step);
@@ -128,7 +128,7 @@ def encoder_token_count(config: GroundingDinoConfig, height: int, width: int) ->
 def parameter_groups(
     model: GroundingDinoForObjectDetection, lr: float, lr_backbone: float, lr_text_encoder: float, weight_decay: float
 ) -> list[dict]:
-    """AdamW groups as in Open-GroundingDino (SPEC §1): backbone and text encoder at their own lr."""
+    """AdamW groups as in Open-GroundingDino (docs/image.md): backbone and text encoder at their own lr."""
     groups = {"backbone": [], "text_encoder": [], "rest": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:

@@ -1,4 +1,4 @@
-"""LeGrad explainability maps of CLIP query embeddings (SPEC §2).
+"""LeGrad explainability maps of CLIP query embeddings (docs/maskinversion.md).
 
 For a query embedding e (unit norm) and a block l of the vision tower:
 
@@ -98,9 +98,9 @@ def prepare(
                 act_grad=_activation_derivative(layer.mlp.activation_fn, block.pre_activation[0]),
                 jacobian=_pooled_jacobian(backbone, block.output[0].mean(0)),
             ))
-            tokens = block.output
-        else:
-            tokens = backbone.run_blocks(tokens, index, index + 1)
+        # the stream always goes through the model's own block, in both methods: one global embedding for both
+        # (the decomposition's block rebuild agrees only to float rounding, which grew to a visible drift at 448 px)
+        tokens = backbone.run_blocks(tokens, index, index + 1)
     state.global_embedding = backbone.model.visual_projection(backbone.vision.post_layernorm(tokens[0, 0]))
     return state
 

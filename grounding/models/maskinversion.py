@@ -1,4 +1,4 @@
-"""MaskInversion: localized embedding tokens (LETs) by test-time optimization (SPEC §3).
+"""MaskInversion: localized embedding tokens (LETs) by test-time optimization (docs/maskinversion.md).
 
     from grounding.models.clip import build_clip
     from grounding.models.maskinversion import MaskInversion

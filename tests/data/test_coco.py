@@ -224,3 +224,81 @@ def test_few_shot_and_fraction_subsets(synthetic_root):
     assert len(one_shot) <= len(present)
     with pytest.raises(ValueError, match=r"train_fraction must be in \(0, 1\], got 0"):
         fraction_subset(records, 0, seed=0)
+
+
+@pytest.mark.parametrize(
+    "images, categories, message",
+    [
+        ([("000001", "a.jpg", 40, 30)], None, r"ann.json: image id '000001' is not an integer \(COCO ids are integers"),
+        ([(1, "a.jpg", 40, 30)], [{"id": 1, "name": "Cat"}, {"id": 2, "name": "cat "}],
+         r"ann.json: category ids 1 and 2 have the same name 'cat'; a prompt cannot tell them apart"),
+        ([(1, "a.jpg", 0, 30)], None, r"ann.json: image id 1 has width 0; expected a positive integer"),
+    ],
+)
+def test_ids_names_and_sizes_are_validated_when_the_file_is_read(tmp_path, images, categories, message):
+    save_rgb(tmp_path, "a.jpg")
+    path = write_coco(tmp_path, images, [], categories)
+    with pytest.raises(ValueError, match=message):
+        load_coco_detection(path, tmp_path)
+
+
+def test_each_annotation_file_is_parsed_once_per_process(synthetic_root, monkeypatch):
+    from grounding.data import coco_file
+
+    calls = []
+    original = coco_file._load_json
+    monkeypatch.setattr(coco_file, "_load_json", lambda path: calls.append(path) or original(path))
+    monkeypatch.setattr(coco_file, "_CACHE", type(coco_file._CACHE)())
+    module = CocoDetectionDataModule(synthetic_root=str(synthetic_root), image_size=64, max_size=100)
+    module.setup("fit")
+    module.ground_truth("val")
+    assert sorted(p.name for p in calls) == ["instances_test.json", "instances_train.json", "instances_val.json"]
+    assert coco_file.read_coco(synthetic_root / "annotations" / "instances_val.json") is coco_file.read_coco(
+        synthetic_root / "annotations" / "instances_val.json"
+    )
+
+
+def _broken_images(folder):
+    """Files that decode only partly or not at all, and one whose size disagrees with the JSON."""
+    save_rgb(folder, "good.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / "cut.jpg", quality=95)
+    data = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # a JPEG cut short (an interrupted copy)
+    save_rgb(folder, "cut.png")
+    data = (folder / "cut.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) - 20])
+    (folder / "garbage.jpg").write_bytes(b"\x00" * 64)
+    save_rgb(folder, "small.jpg", width=20, height=30)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("cut.jpg", r"image .*cut.jpg \(image id 2\) is truncated: the JPEG file ends before its end marker"),
+        ("cut.png", r"image .*cut.png \(image id 2\) is truncated: the PNG file ends before its end marker"),
+        ("garbage.jpg", r"cannot read image .*garbage.jpg \(image id 2\)"),
+        ("small.jpg", r"image .*small.jpg \(image id 2\) is 20x30 .* but the annotation file says 40x30"),
+    ],
+)
+def test_bad_image_files_fail_at_setup_of_an_evaluation_split(tmp_path, name, message):
+    _broken_images(tmp_path)
+    path = write_coco(tmp_path, [(1, "good.jpg", 40, 30), (2, name, 40, 30)], [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [1, 1, 5, 5])])
+    module = CocoDetectionDataModule(val_annotations=str(path), val_images=str(tmp_path), image_size=30, max_size=50)
+    with pytest.raises(ImageReadError, match=message):
+        module.setup("validate")  # before any batch is loaded
+    # check_images none: the same file fails only when first read (or not at all, for a truncated JPEG
+    # that PIL fills in), which is what the up-front pass is for
+    lazy = CocoDetectionDataModule(val_annotations=str(path), val_images=str(tmp_path), image_size=30, max_size=50, check_images="none")
+    lazy.setup("validate")
+    assert len(lazy.datasets["val"]) == 2
+
+
+def test_training_splits_are_checked_only_when_asked(tmp_path):
+    _broken_images(tmp_path)
+    path = write_coco(tmp_path, [(1, "good.jpg", 40, 30), (2, "cut.jpg", 40, 30)], [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [1, 1, 5, 5])])
+    settings = dict(train_annotations=str(path), train_images=str(tmp_path), image_size=30, max_size=50)
+    CocoDetectionDataModule(**settings)._dataset("train")  # default "eval": training images are read lazily
+    with pytest.raises(ImageReadError, match=r"cut.jpg \(image id 2\) is truncated"):
+        CocoDetectionDataModule(**settings, check_images="all")._dataset("train")
+    with pytest.raises(ValueError, match=r"data.check_images must be one of \('none', 'eval', 'all'\), got 'some'"):
+        CocoDetectionDataModule(**settings, check_images="some")

@@ -76,7 +76,8 @@ def test_maps_before_and_after_go_to_tensorboard(class_run):
     images = [t for t in events.Tags()["images"] if t.startswith("maskinversion/")]
     assert len(images) == 2  # log_regions
     image = events.Images(images[0])[0]
-    assert image.width == 4 * image.height  # image | mask | map before | map after (square synthetic images)
+    # image | mask | map before | map after: square synthetic images enlarged to 512 px, 4 px gaps, a title strip
+    assert image.width == 4 * 512 + 3 * 4 and image.height > 512
 
 
 def test_referring_protocol_uses_the_image_expressions(synthetic_root, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the IMAGE adaptive masking (SPEC §1), against independent computations."""
+"""Tests of the IMAGE adaptive masking (docs/image.md), against independent computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""MaskInversion: the two modes agree, the loss is the SPEC's, optimization fits the mask."""
+"""MaskInversion: the two modes agree, the loss is that of docs/maskinversion.md (M-4), optimization fits the mask."""
 
 from __future__ import annotations
 
@@ -130,3 +130,16 @@ def test_result_carries_the_global_embedding_of_the_image(backbone):
     expected = backbone.encode_image(backbone.preprocess(image))[0]
     torch.testing.assert_close(result.global_embedding, expected)
     torch.testing.assert_close(result.embeddings, expected.expand(2, -1))  # zero iterations: the initial LETs
+
+
+@pytest.mark.parametrize("layers", [(-1,), (-2, -1)])
+def test_both_modes_start_from_the_very_same_global_embedding(layers):
+    """float32, 448-px-like grid: the starting point of the optimization is bit-identical in both modes
+    (and equal to the model's own forward), so the modes can only differ by their gradients."""
+    backbone = build_clip("tiny", image_size=224, overrides={"vision_config": {"num_hidden_layers": 3}})
+    image, _ = _image_and_masks(200, 230)
+    starts = {mode: MaskInversion(backbone, iterations=0, mode=mode, layers=layers).prepare(image).global_embedding
+              for mode in ("naive", "decomposed")}
+    assert torch.equal(starts["naive"], starts["decomposed"])
+    with torch.no_grad():
+        torch.testing.assert_close(starts["naive"], backbone.encode_image(backbone.preprocess(image))[0], rtol=1e-5, atol=1e-6)
