@@ -104,9 +104,8 @@ def build_cli(args: list[str] | None = None) -> GroundingCLI:
     """
     if args is None:
         sys.argv[1:] = resolve_arguments(None)
-    # CPU arithmetic on denormal floats (|x| < 1.2e-38: softmax tails of sharpening attention) is many times
-    # slower; flushing them to zero changes no result that matters and made the CPU demo's training steps
-    # 1.5x faster once the model had trained a while (0.25 -> 0.16 s, BENCHMARKS.md). No effect on GPUs.
+    # CPU arithmetic on denormal floats (|x| < 1.2e-38, e.g. softmax tails of sharpening attention) can be
+    # many times slower; flushing them to zero changes no result that matters (BENCHMARKS.md). GPUs: no effect.
     torch.set_flush_denormal(True)
     return GroundingCLI(
         L.LightningModule,

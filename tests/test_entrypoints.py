@@ -167,3 +167,19 @@ def test_coco_config_applies_alone(synthetic_root, tmp_path, monkeypatch):
     demo = build_cli(["--model.model_config", json.dumps(TEST_MODEL_CONFIG), "--trainer.accelerator", "cpu",
                       "--data.synthetic_root", str(synthetic_root), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert demo.trainer.check_val_every_n_epoch == 9 and demo.trainer.num_sanity_val_steps == 0  # the demo without --config
+
+
+def test_a_built_wheel_ships_the_configs_and_the_commands(tmp_path):
+    """A plain (not editable) install finds its configs: they are package data, with the console scripts."""
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("grounding-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.split("grounding/configs/", 1)[1] for n in names if n.startswith("grounding/configs/")}
+    in_repo = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
+    assert shipped == in_repo and "image/synthetic.yaml" in shipped
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "grounding-train = grounding.cli:train_main" in entry_points and "grounding-eval = grounding.cli:eval_main" in entry_points

@@ -60,13 +60,16 @@ def weights(checkpoint):
 def test_ddp_training_on_two_processes_equals_one_process_with_the_same_global_batch(synthetic_root, tmp_path):
     results = {}
     for devices, batch in ((1, 4), (2, 2)):
-        out = summary(run("train.py", train_args(
+        result = run("train.py", train_args(
             synthetic_root, tmp_path / f"d{devices}", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--data.batch_size", str(batch),
             "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.precision", "64-true",
             model_config=NO_DROPOUT,
-        ), cwd=tmp_path))
+        ), cwd=tmp_path)
+        out = summary(result)
         results[devices] = (out, weights(Path(out["run_dir"]) / "checkpoints" / "last.ckpt"))
+        # output captured (not a terminal): plain lines at each evaluation, once (rank 0), no progress bar
+        assert result.stderr.count("[val] step 6 done in") == 1 and "it/s]" not in result.stderr
     (one, w1), (two, w2) = results[1], results[2]
     assert one["steps"] == two["steps"] == 6  # 12 images, global batch 4, 2 epochs
     assert w1.keys() == w2.keys()
