@@ -27,7 +27,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from grounding.data.region_views import crop_view, masked_crop_view, red_circle_view
 from grounding.metrics.retrieval import RetrievalAccuracy, region_key, top1_correct
