@@ -17,7 +17,6 @@ from grounding.data.coco import INVALID_BOXES, CocoDetection, collate_detection,
 from grounding.data.coco_file import ground_truth, read_categories, read_coco
 from grounding.data.sampling import EpochSampler, ResumableDataLoader
 
-SPLITS = ("train", "val", "test")
 CHECK_IMAGES = ("none", "eval", "all")
 
 

@@ -65,17 +65,24 @@ def read_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = Non
     return _to_8bit_rgb(stored)
 
 
-def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(stored, EXIF-oriented) (width, height) of an image file, from its header only."""
+def _header(path: str | Path, where: str) -> tuple[tuple[int, int], tuple[int, int], str | None]:
+    """(stored, EXIF-oriented) (width, height) and the format of an image file, from its header only."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            image_format = image.format
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
-    return (width, height), ((height, width) if orientation in (5, 6, 7, 8) else (width, height))
+        raise ImageReadError(f"cannot read image {where}: {error}") from error
+    return (width, height), ((height, width) if orientation in (5, 6, 7, 8) else (width, height)), image_format
+
+
+def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(stored, EXIF-oriented) (width, height) of an image file, from its header only."""
+    stored, oriented, _ = _header(path, str(path))
+    return stored, oriented
 
 
 def _looks_truncated(path: Path, image_format: str | None) -> bool:
@@ -101,16 +108,7 @@ def check_image(path: str | Path, expected_size: tuple[int, int] | None = None, 
     Raises ``ImageReadError`` naming the file and image id; ``FileNotFoundError`` when it is absent.
     """
     where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
-    try:
-        with Image.open(path) as image:
-            stored = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-            image_format = image.format
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"cannot read image {where}: {error}") from error
-    oriented = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+    stored, oriented, image_format = _header(path, where)
     if expected_size is not None:
         expected = tuple(int(v) for v in expected_size)
         if expected not in (stored, oriented):

@@ -54,13 +54,11 @@ def ground_truth_of_file(annotation_file: str | Path):
 def coco_evaluate(ground_truth, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
     """COCOeval box statistics of ``detections`` (COCO results dicts, left unchanged) over ``image_ids``.
 
-    ground_truth: a pycocotools ``COCO`` (or an instances file's path). Undefined statistics are NaN.
+    ground_truth: a pycocotools ``COCO`` (``CocoBoxMetric`` builds it). Undefined statistics are NaN.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not isinstance(ground_truth, COCO):
-        ground_truth = ground_truth_of_file(ground_truth)
     with contextlib.redirect_stdout(io.StringIO()):
         if detections:
             results = ground_truth.loadRes(copy.deepcopy(detections))
