@@ -143,7 +143,7 @@ class LastCheckpoint(Callback):
             return
         self._gather_rng = True
         try:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resuming needs it
         finally:
             self._gather_rng = False
         self._saved_at = where

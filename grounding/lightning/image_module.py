@@ -10,6 +10,7 @@ JSON in the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -29,6 +30,7 @@ from grounding.models.grounding_dino import (
     feature_masking,
     freeze_untrained,
     parameter_groups,
+    trained_proposals,
 )
 from grounding.visualize import denormalize, detection_panel, mask_panels, upscale
 
@@ -54,8 +56,12 @@ class ImageGroundingModule(L.LightningModule):
             masks of each level over the first training image of every epoch.
         log_score_threshold: predictions drawn in the picture have at least this score.
         max_nonfinite_steps: a NaN/inf loss skips its optimizer step; this many in a row stop the run.
+        proposal_loss: ``trained`` (default): the two-stage encoder loss scores the undetached top-k
+            proposals, so the proposal head learns, as in the original Grounding DINO
+            (``grounding.models.grounding_dino.trained_proposals``); ``detached``: transformers' loss as it
+            is, which never trains that head (it is then frozen).
 
-    The parameters that never receive a gradient in transformers' Grounding DINO are frozen
+    The parameters that never receive a gradient are frozen
     (``grounding.models.grounding_dino.untrained_modules``), so DDP needs no ``find_unused_parameters``.
     Under DDP the loss is normalized by the number of boxes over all processes (as the original DETR
     training does), so that N processes with batch b take the same step as one with batch N·b.
@@ -79,6 +85,7 @@ class ImageGroundingModule(L.LightningModule):
         log_images: bool = True,
         log_score_threshold: float = 0.3,
         max_nonfinite_steps: int = 10,
+        proposal_loss: str = "trained",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +100,8 @@ class ImageGroundingModule(L.LightningModule):
             raise ValueError(f"model.lr_drop_factor must be in (0, 1], got {lr_drop_factor!r}")
         if isinstance(num_detections, bool) or not isinstance(num_detections, int) or num_detections < 1:
             raise ValueError(f"model.num_detections must be an integer >= 1 (detections kept per image), got {num_detections!r}")
+        if proposal_loss not in ("trained", "detached"):
+            raise ValueError(f"model.proposal_loss must be 'trained' or 'detached', got {proposal_loss!r}")
         if lr_schedule not in ("step", "cosine"):
             raise ValueError(f"model.lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
         if lr_schedule == "cosine" and lr_drop_epochs:
@@ -104,7 +113,7 @@ class ImageGroundingModule(L.LightningModule):
         self.masking_config.check_levels(self.detector.config.num_feature_levels)
         if freeze_text_encoder:
             self.detector.model.text_backbone.requires_grad_(False)
-        self.frozen_untrained = freeze_untrained(self.detector)
+        self.frozen_untrained = freeze_untrained(self.detector, proposal_loss)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.masking = AdaptiveMasking(self.masking_config)
         self.prompts: list[Prompt] = []
@@ -208,7 +217,10 @@ class ImageGroundingModule(L.LightningModule):
         self._check_batch(pixel_values, batch["targets"])
         labels = self._labels(batch["targets"], prompt_index)
         p = self.progress()
-        with feature_masking(self.detector, self.masking, p, pixel_mask):
+        trained = self.hparams.get("proposal_loss", "trained") == "trained"
+        with feature_masking(self.detector, self.masking, p, pixel_mask), (
+            trained_proposals(self.detector) if trained else contextlib.nullcontext()
+        ):
             outputs = self.detector(
                 pixel_values=pixel_values,
                 pixel_mask=pixel_mask,

@@ -3,7 +3,8 @@
 ``build_grounding_dino("IDEA-Research/grounding-dino-tiny")`` (or a local folder) loads a pretrained
 checkpoint with its own tokenizer; ``build_grounding_dino("tiny")`` builds a small random model from
 ``TINY_CONFIG`` (plus overrides) with a WordPiece tokenizer made offline (``grounding.models.tokenizer``).
-The loss is the library's own (``GroundingDinoForObjectDetection(..., labels=...)``).
+The loss is the library's own (``GroundingDinoForObjectDetection(..., labels=...)``); inside
+``trained_proposals`` its two-stage encoder terms score the undetached proposals, as the original model.
 
 IMAGE masks the multi-scale maps between the backbone and the encoder (docs/image.md "Where masking
 happens"): the outputs of ``model.model.input_proj_vision[l]``, the 3 projected backbone stages and the
@@ -69,20 +70,27 @@ def build_grounding_dino(
     return model, load_tokenizer(name_or_path)
 
 
-def untrained_modules(model: GroundingDinoForObjectDetection) -> dict[str, str]:
+PROPOSAL_HEAD = ("enc_output", "enc_output_norm", "encoder_output_bbox_embed")
+
+
+def untrained_modules(model: GroundingDinoForObjectDetection, proposal_loss: str = "trained") -> dict[str, str]:
     """Modules of transformers' Grounding DINO that never receive a gradient in training, and why.
 
-    - ``model.enc_output``, ``model.enc_output_norm``, ``model.encoder_output_bbox_embed`` (two-stage
-      proposal head): transformers computes the encoder ("_enc") loss on the detached top-k proposals,
-      so nothing downstream of these layers reaches a loss (docs/image.md "Known limitation").
     - the Swin backbone's final ``layernorm``: the encoder reads the stage outputs through their own
       norms, never the last hidden state.
+    - with ``proposal_loss="detached"`` (transformers' own loss), also ``model.enc_output``,
+      ``model.enc_output_norm``, ``model.encoder_output_bbox_embed`` (two-stage proposal head):
+      transformers computes the encoder ("_enc") loss on the detached top-k proposals, so nothing
+      downstream of these layers reaches a loss. ``trained_proposals`` (the default of the training
+      module) computes that loss on the undetached proposals, as the original Grounding DINO does.
     DDP needs every trainable parameter to get a gradient (else ``find_unused_parameters`` on every step);
     ``freeze_untrained`` freezes these, which changes no weight update (they had no gradient anyway).
     """
+    if proposal_loss not in ("trained", "detached"):
+        raise ValueError(f"proposal_loss must be 'trained' or 'detached', got {proposal_loss!r}")
     found: dict[str, str] = {}
-    if model.config.two_stage:
-        for name in ("enc_output", "enc_output_norm", "encoder_output_bbox_embed"):
+    if model.config.two_stage and proposal_loss == "detached":
+        for name in PROPOSAL_HEAD:
             if getattr(model.model, name, None) is not None:
                 found[f"model.{name}"] = "two-stage proposal head: transformers' encoder loss uses detached proposals"
     backbone = model.model.backbone.conv_encoder.model
@@ -92,11 +100,11 @@ def untrained_modules(model: GroundingDinoForObjectDetection) -> dict[str, str]:
     return found
 
 
-def freeze_untrained(model: GroundingDinoForObjectDetection) -> list[str]:
+def freeze_untrained(model: GroundingDinoForObjectDetection, proposal_loss: str = "trained") -> list[str]:
     """Freeze ``untrained_modules``; returns the names of the parameters frozen."""
     modules = dict(model.named_modules())
     frozen = []
-    for name in untrained_modules(model):
+    for name in untrained_modules(model, proposal_loss):
         for parameter_name, parameter in modules[name].named_parameters():
             if parameter.requires_grad:
                 parameter.requires_grad_(False)
@@ -182,3 +190,59 @@ def feature_masking(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _UndetachedProposalLoss:
+    """transformers' Grounding DINO loss, with the encoder ("_enc") terms on the undetached proposals.
+
+    transformers selects the top ``num_queries`` encoder tokens and scores the *detached* selection, so the
+    proposal head gets no gradient; it also scores their classes against the text *before* the encoder,
+    while the selection used the encoder's text output. The original Grounding DINO (and DINO) score the
+    selection before detaching, against the encoder's text output. A forward hook on ``model.model`` keeps
+    the per-token class logits and box logits the selection was made from (both undetached); the loss
+    gathers the same top-k (``torch.topk`` of the same scores, as the model does) and hands them to the
+    library's own loss function in place of transformers' copies.
+    """
+
+    def __init__(self, loss_function):
+        self.loss_function = loss_function
+        self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def capture(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled() and output.enc_outputs_class is not None:
+            self.captured = (output.enc_outputs_class, output.enc_outputs_coord_logits)
+
+    def __call__(self, *args, encoder_logits=None, encoder_pred_boxes=None, **kwargs):
+        config = args[4] if len(args) > 4 else kwargs["config"]
+        if self.captured is not None:
+            scores, coords = self.captured
+            self.captured = None
+            top = torch.topk(scores.max(-1)[0], config.num_queries, dim=1)[1]
+            encoder_logits = torch.gather(scores, 1, top.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
+            encoder_pred_boxes = torch.gather(coords, 1, top.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
+        return self.loss_function(*args, encoder_logits=encoder_logits, encoder_pred_boxes=encoder_pred_boxes, **kwargs)
+
+
+@contextlib.contextmanager
+def trained_proposals(model: GroundingDinoForObjectDetection) -> Iterator[None]:
+    """Inside the block, the loss trains the two-stage proposal head (see ``_UndetachedProposalLoss``).
+
+    The boxes scored are the same as transformers' (now with their gradient); the class logits are those
+    the selection ranked. A model without the two-stage head is left as it is.
+    """
+    if not model.config.two_stage:
+        yield
+        return
+    had_own = "_loss_function" in vars(model)
+    previous = model.loss_function
+    loss = _UndetachedProposalLoss(previous)
+    handle = model.model.register_forward_hook(loss.capture)
+    model.loss_function = loss
+    try:
+        yield
+    finally:
+        handle.remove()
+        if had_own:
+            model.loss_function = previous
+        else:
+            del model._loss_function

@@ -201,6 +201,7 @@ def test_unknown_or_conflicting_lr_schedule_is_a_clear_error():
         ({"num_detections": 0}, r"model.num_detections must be an integer >= 1 \(detections kept per image\), got 0"),
         ({"lr_drop_epochs": [8, 4]}, r"model.lr_drop_epochs must be increasing epochs >= 1"),
         ({"max_nonfinite_steps": 0}, r"model.max_nonfinite_steps must be an integer >= 1"),
+        ({"proposal_loss": "frozen"}, r"model.proposal_loss must be 'trained' or 'detached', got 'frozen'"),
     ],
 )
 def test_bad_settings_fail_at_construction_naming_them(kwargs, message):

@@ -1,5 +1,7 @@
 """Building Grounding DINO: tiny config, loading from a local folder, optimizer groups, the library's loss."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from grounding.models.grounding_dino import (
     freeze_untrained,
     level_valid_masks,
     parameter_groups,
+    trained_proposals,
     untrained_modules,
 )
 
@@ -79,30 +82,89 @@ def test_level_valid_masks_downsample_the_pixel_mask():
     assert valid[0].tolist() == [[True, True, True, False], [True, True, True, False], [False] * 4, [False] * 4]
 
 
-def training_step_gradients(model, tokenizer, height=96, width=128):
+def training_step_gradients(model, tokenizer, height=96, width=128, proposal_loss="detached"):
     prompt = build_prompts({1: "red circle", 2: "blue square"}, tokenizer, model.config.max_text_len)[0]
     ids = prompt.input_ids[None].repeat(2, 1)
     labels = [{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])}] * 2
     model.train()
-    model(pixel_values=torch.randn(2, 3, height, width), input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    with trained_proposals(model) if proposal_loss == "trained" else contextlib.nullcontext():
+        loss = model(pixel_values=torch.randn(2, 3, height, width), input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    loss.backward()
     return {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
 
 
+PROPOSAL_HEAD = {"model.enc_output", "model.enc_output_norm", "model.encoder_output_bbox_embed"}
+
+
 @pytest.mark.parametrize("freeze_text", [False, True])
-def test_after_freezing_every_trainable_parameter_gets_a_gradient(freeze_text):
-    """What DDP needs to run without find_unused_parameters; and exactly the documented modules are dead."""
+@pytest.mark.parametrize("proposal_loss", ["detached", "trained"])
+def test_after_freezing_every_trainable_parameter_gets_a_gradient(freeze_text, proposal_loss):
+    """What DDP needs to run without find_unused_parameters; and exactly the documented modules are dead:
+    with transformers' loss the proposal head too, with the undetached encoder loss only the backbone's norm."""
     model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
     if freeze_text:
         model.model.text_backbone.requires_grad_(False)
-    dead = training_step_gradients(model, tokenizer)
-    documented = untrained_modules(model)
-    assert set(documented) == {"model.enc_output", "model.enc_output_norm", "model.encoder_output_bbox_embed",
-                               "model.backbone.conv_encoder.model.swin.layernorm"}
+    dead = training_step_gradients(model, tokenizer, proposal_loss=proposal_loss)
+    documented = untrained_modules(model, proposal_loss)
+    expected = {"model.backbone.conv_encoder.model.swin.layernorm"} | (PROPOSAL_HEAD if proposal_loss == "detached" else set())
+    assert set(documented) == expected
     assert dead == {n for n, _ in model.named_parameters() if any(n.startswith(m + ".") for m in documented)}
     model.zero_grad(set_to_none=True)
-    frozen = freeze_untrained(model)
+    frozen = freeze_untrained(model, proposal_loss)
     assert set(frozen) == dead
-    assert training_step_gradients(model, tokenizer) == set()
+    assert training_step_gradients(model, tokenizer, proposal_loss=proposal_loss) == set()
+
+
+def test_untrained_modules_names_a_bad_proposal_loss():
+    model, _ = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    with pytest.raises(ValueError, match=r"proposal_loss must be 'trained' or 'detached', got 'frozen'"):
+        untrained_modules(model, "frozen")
+
+
+def test_trained_proposals_scores_the_selected_encoder_tokens_against_the_encoders_text():
+    """The encoder loss inside ``trained_proposals`` equals the library's loss given the top-k proposals recomputed
+    here from the proposal head's own output (classes against the encoder's text output, as the original model);
+    the boxes selected and the decoder terms are transformers' own; outside the block the model is as before."""
+    from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
+
+    torch.manual_seed(0)
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model.eval()  # no dropout: both passes see the same network
+    prompt = build_prompts({1: "red circle", 2: "blue square"}, tokenizer, model.config.max_text_len)[0]
+    ids = prompt.input_ids[None].repeat(2, 1)
+    labels = [{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])}] * 2
+    inputs = {"pixel_values": torch.randn(2, 3, 96, 128), "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    queries = []
+    hook = model.model.enc_output_norm.register_forward_hook(lambda m, i, o: queries.append(o))
+    plain = model(**inputs)
+    with trained_proposals(model):
+        ours = model(**inputs)
+    hook.remove()
+    assert not model.model._forward_hooks and "_loss_function" not in vars(model)
+
+    # independent: scores of every encoder token against the encoder's text output, top num_queries of them
+    text = ours.encoder_last_hidden_state_text  # (B, T, d)
+    scores = queries[1] @ text.transpose(1, 2)  # (B, S, T), all T tokens are real (mask of ones)
+    top = scores.max(-1)[0].topk(model.config.num_queries, dim=1)[1]
+    logits = torch.full((*top.shape, model.config.max_text_len), float("-inf"))
+    logits[..., : text.shape[1]] = torch.gather(scores, 1, top[..., None].expand(-1, -1, text.shape[1]))
+    assert torch.equal(ours.encoder_pred_boxes, plain.encoder_pred_boxes)  # the same tokens were selected
+    from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps, build_text_mask
+
+    config = model.config
+    _, expected, _ = GroundingDinoForObjectDetectionLoss(
+        ours.logits, labels, "cpu", ours.pred_boxes, config, build_label_maps(ours.logits, ids),
+        build_text_mask(ours.logits, inputs["attention_mask"]),
+        outputs_class=torch.stack([a["logits"] for a in ours.auxiliary_outputs] + [ours.logits]),
+        outputs_coord=torch.stack([a["pred_boxes"] for a in ours.auxiliary_outputs] + [ours.pred_boxes]),
+        encoder_logits=logits, encoder_pred_boxes=plain.encoder_pred_boxes,
+    )
+    for name in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
+        torch.testing.assert_close(ours.loss_dict[name], expected[name])
+    assert not torch.isclose(ours.loss_dict["loss_ce_enc"], plain.loss_dict["loss_ce_enc"])  # transformers' text differs
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0"):
+        torch.testing.assert_close(ours.loss_dict[name], plain.loss_dict[name])
+    assert plain.loss_dict["loss_bbox_enc"].grad_fn is None and ours.loss_dict["loss_bbox_enc"].grad_fn is not None
 
 
 @pytest.mark.parametrize("height, width", [(96, 96), (96, 131), (128, 214), (200, 75)])
