@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -32,12 +33,15 @@ from typing import Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from grounding.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, TextProgress, interruption_exit_code
+
+log = logging.getLogger(__name__)
 
 #: the configs shipped with the package (in a checkout, the repository's configs/ folder)
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
@@ -91,6 +95,11 @@ class GroundingCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):  # atomic writes unless the user chose
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("logger") is False and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            # Lightning refuses a LearningRateMonitor without a logger; --trainer.logger false means "log nothing"
+            trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            log.info("--trainer.logger false: the config's LearningRateMonitor is left out")
         if trainer_config.get("enable_progress_bar") is None:  # a bar only on a terminal; TextProgress otherwise
             kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
         return super().instantiate_trainer(**kwargs)
