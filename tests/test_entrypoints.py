@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from .conftest import TEST_MODEL_CONFIG
@@ -15,10 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def run(script, *args, cwd):
+def run(script, *args, cwd, env=None):
     result = subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"},
+        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -166,7 +168,12 @@ def test_coco_config_applies_alone(synthetic_root, tmp_path, monkeypatch):
         assert cli.model.hparams.lr_schedule == "step" and cli.model.hparams.lr_drop_epochs == [11]
     demo = build_cli(["--model.model_config", json.dumps(TEST_MODEL_CONFIG), "--trainer.accelerator", "cpu",
                       "--data.synthetic_root", str(synthetic_root), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert demo.trainer.check_val_every_n_epoch == 9 and demo.trainer.num_sanity_val_steps == 0  # the demo without --config
+    import yaml
+
+    demo_trainer = yaml.safe_load((REPO / "configs" / "image" / "synthetic.yaml").read_text())["trainer"]
+    assert demo_trainer["check_val_every_n_epoch"] != 1  # else the comparison below could not tell the configs apart
+    assert demo.trainer.check_val_every_n_epoch == demo_trainer["check_val_every_n_epoch"]  # the demo without --config
+    assert demo.trainer.num_sanity_val_steps == demo_trainer["num_sanity_val_steps"] == 0
 
 
 def test_a_built_wheel_ships_the_configs_and_the_commands(tmp_path):
@@ -183,3 +190,45 @@ def test_a_built_wheel_ships_the_configs_and_the_commands(tmp_path):
     assert shipped == in_repo and "image/synthetic.yaml" in shipped
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "grounding-train = grounding.cli:train_main" in entry_points and "grounding-eval = grounding.cli:eval_main" in entry_points
+
+
+def test_invseg_eval_on_two_processes_equals_one(synthetic_root, tmp_path):
+    """5 validation images over 2 processes (the sampler repeats one): the same mIoU as 1 process, every label
+    PNG written once and equal, the IoU table in the run folder. One thread per process in both runs (Lightning
+    gives each of 2 DDP processes 1 of the 2 cores): other thread counts sum in another order, which can flip
+    a near-tied pixel."""
+    outputs = {}
+    for devices in (1, 2):
+        out = run(
+            "eval.py", "--config", str(REPO / "configs" / "invseg" / "synthetic.yaml"),
+            "--data.init_args.synthetic_root", str(synthetic_root), "--data.init_args.limit", "null",
+            "--model.init_args.image_size", "64", "--model.init_args.resolution", "8", "--model.init_args.steps", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / f"is{devices}"), "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+        )
+        outputs[devices] = out
+    one, two = outputs[1], outputs[2]
+    assert one["split"] == "val" and {"mIoU", "mAcc", "aAcc"} <= set(one)
+    for name in ("mIoU", "mAcc", "aAcc"):
+        assert two[name] == pytest.approx(one[name], abs=1e-6), name
+    labels = {d: Path(o["run_dir"]) / "predictions" / "labels" for d, o in outputs.items()}
+    names = sorted(p.name for p in labels[1].glob("*.png"))
+    assert len(names) == 5 and sorted(p.name for p in labels[2].glob("*.png")) == names
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(labels[1] / name)), np.asarray(Image.open(labels[2] / name)))
+    assert (Path(one["run_dir"]) / "predictions" / "invseg_val_iou.md").is_file()
+
+
+def test_logger_false_drops_the_learning_rate_monitor(synthetic_root, tmp_path, monkeypatch):
+    """Lightning refuses a LearningRateMonitor without a logger; the demo config has one."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from grounding.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    with_logger = build_cli(["--data.synthetic_root", str(synthetic_root), "--trainer.accelerator", "cpu"])
+    assert any(isinstance(c, LearningRateMonitor) for c in with_logger.trainer.callbacks)
+    cli = build_cli(["--data.synthetic_root", str(synthetic_root), "--trainer.accelerator", "cpu", "--trainer.logger", "false"])
+    assert cli.trainer.logger is None
+    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)

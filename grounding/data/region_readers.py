@@ -387,6 +387,23 @@ def _find_image(image_dir: Path, stem: str) -> Path | None:
     return next((image_dir / f"{stem}{s}" for s in _IMAGE_SUFFIXES if (image_dir / f"{stem}{s}").is_file()), None)
 
 
+def label_folder_stems(image_dir: str | Path, label_dir: str | Path, image_list: str | Path | None = None) -> list[str]:
+    """The image stems of a folder of images with a folder of label PNGs: those of ``image_list`` (VOC's
+    ImageSets file) when given, else every image and every label PNG found (so that one without the other
+    is reported by the caller, not silently ignored). Errors name a missing folder or an empty label folder."""
+    image_dir, label_dir = Path(image_dir), Path(label_dir)
+    if not label_dir.is_dir():
+        raise FileNotFoundError(f"label folder not found: {label_dir}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    if image_list is not None:
+        return read_image_list(image_list)
+    labels = {p.stem for p in label_dir.glob("*.png")}
+    if not labels:
+        raise ValueError(f"label folder {label_dir} has no PNG")
+    return sorted(labels | {p.stem for p in image_dir.iterdir() if p.suffix in _IMAGE_SUFFIXES})
+
+
 def load_semantic_regions(
     image_dir: str | Path, label_dir: str | Path, classes_file: str | Path, ignore_background: bool = True,
     image_list: str | Path | None = None,
@@ -402,18 +419,7 @@ def load_semantic_regions(
     """
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     classes = read_class_names(classes_file)
-    if not label_dir.is_dir():
-        raise FileNotFoundError(f"label folder not found: {label_dir}")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if image_list is not None:
-        stems = read_image_list(image_list)
-    else:
-        labels = {p.stem for p in label_dir.glob("*.png")}
-        if not labels:
-            raise ValueError(f"label folder {label_dir} has no PNG")
-        images = {p.stem for p in image_dir.iterdir() if p.suffix in _IMAGE_SUFFIXES}
-        stems = sorted(labels | images)
+    stems = label_folder_stems(image_dir, label_dir, image_list)
     report = SkipReport(str(label_dir))
 
     records = []

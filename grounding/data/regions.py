@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from grounding.data.coco import SkipReport
+from grounding.data.evaluation import EvaluationDataModule
 from grounding.data.images import read_rgb_image
 from grounding.data.region_readers import (
     RegionImageRecord,
@@ -74,17 +74,12 @@ class RegionDataset(Dataset):
         }
 
 
-def collate_regions(batch: list[dict]) -> list[dict]:
-    """The samples unchanged (images differ in size; the consumer loops over them)."""
-    return batch
-
-
 # ------------------------------------------------------------------------------------- DataModule
 FORMATS = ("synthetic", "coco", "refcoco", "phrasecut", "semantic")
 SYNTHETIC_TASKS = ("class", "referring", "semantic", "phrasecut")
 
 
-class RegionDataModule(L.LightningDataModule):
+class RegionDataModule(EvaluationDataModule):
     """Region batches for test-time methods: ``test_dataloader`` / ``predict_dataloader`` yield lists of
     ``RegionDataset`` samples (see there).
 
@@ -220,28 +215,8 @@ class RegionDataModule(L.LightningDataModule):
         self.dataset = RegionDataset(records, class_names, report)
 
     @property
-    def evaluation_split(self) -> str:
-        """The split ``test_dataloader`` / ``predict_dataloader`` read."""
-        return self.hparams.split
-
-    @property
     def class_names(self) -> list[str]:
         """Class names for class retrieval (the dataset's categories; no background for semantic)."""
         if self.dataset is None:
             self.setup()
         return self.dataset.class_names
-
-    def _loader(self) -> DataLoader:
-        if self.dataset is None:
-            self.setup()
-        h = self.hparams
-        return DataLoader(
-            self.dataset, batch_size=h.batch_size, shuffle=False, num_workers=h.num_workers,
-            collate_fn=collate_regions, persistent_workers=h.num_workers > 0,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()

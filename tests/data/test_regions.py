@@ -23,7 +23,8 @@ from grounding.data.region_readers import (
     load_refcoco_regions,
     load_semantic_regions,
 )
-from grounding.data.regions import RegionDataModule, RegionDataset, collate_regions
+from grounding.data.evaluation import collate_samples
+from grounding.data.regions import RegionDataModule, RegionDataset
 
 # pycocotools' decode triggers a numpy-2 DeprecationWarning inside pycocotools itself
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -430,7 +431,7 @@ def test_datamodule_rejects_bad_settings_naming_them(settings, message):
 
 def test_collate_keeps_the_samples():
     batch = [{"image": torch.zeros(3, 4, 5)}, {"image": torch.zeros(3, 6, 2)}]
-    assert collate_regions(batch) is batch
+    assert collate_samples(batch) is batch
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,42 @@
+"""The base of the DataModules of test-time methods (MaskInversion's regions, segmentation): one split, read
+in order, served alike by ``test_dataloader`` and ``predict_dataloader`` as lists of samples."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+def collate_samples(batch: list[dict]) -> list[dict]:
+    """The samples unchanged: every image keeps its own size; the method resizes."""
+    return batch
+
+
+class EvaluationDataModule(L.LightningDataModule):
+    """Subclasses build ``self.dataset`` in ``setup`` and have ``split``, ``batch_size`` and ``num_workers``
+    among their hyperparameters; under DDP Lightning gives each process its share of the split."""
+
+    dataset: Dataset | None = None
+    collate: Callable[[list[dict]], object] = staticmethod(collate_samples)
+
+    @property
+    def evaluation_split(self) -> str:
+        """The split ``test_dataloader`` / ``predict_dataloader`` read."""
+        return self.hparams.split
+
+    def _loader(self) -> DataLoader:
+        if self.dataset is None:
+            self.setup()
+        h = self.hparams
+        return DataLoader(
+            self.dataset, batch_size=h.batch_size, shuffle=False, num_workers=h.num_workers,
+            collate_fn=self.collate, persistent_workers=h.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader()

@@ -1,0 +1,110 @@
+"""Writing predicted label maps as palette PNGs, the format of the datasets' own ground truth (VOC).
+
+``write_label_png`` writes one (H, W) label map as a 'P'-mode PNG, atomically (a temporary file beside
+it, renamed over it). ``LabelMapWriter`` is a callback that writes what a LightningModule's
+``test_step`` / ``predict_step`` returns, ``{"image_ids": [id, ...], "label_maps": [(H, W) long, ...]}``,
+to ``<out_dir>/<image_id>.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from grounding.utils import write_atomic
+from grounding.visualize import _voc_palette
+
+IGNORE_INDEX = 255
+IGNORE_COLOUR = (255, 255, 255)
+"""Colour of label 255 when the palette is shorter than 256 entries (white, as ``colorize_labels`` draws it)."""
+
+
+def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray, palette: torch.Tensor | np.ndarray) -> None:
+    """Write ``labels`` (H, W) ints as a palette PNG at ``path``, atomically.
+
+    palette: (N, 3) uint8 colours of labels 0..N-1 (N <= 256). Pixel values are the labels themselves, so
+    the file reads back as the same label map; IGNORE_INDEX (255) stays 255, coloured ``palette[255]``
+    when N = 256, else ``IGNORE_COLOUR``. A label neither in [0, N) nor 255 is an error naming ``path``.
+    """
+    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    colours = palette.detach().cpu().numpy() if isinstance(palette, torch.Tensor) else np.asarray(palette)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"label map for {path} must be (H, W) integers; got {labels.shape} {labels.dtype}")
+    if colours.ndim != 2 or colours.shape[1] != 3 or not 1 <= colours.shape[0] <= 256:
+        raise ValueError(f"palette for {path} must be (N, 3) with 1 <= N <= 256; got {colours.shape}")
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= colours.shape[0]))]
+    if bad.size:
+        raise ValueError(
+            f"label map for {path} holds label {int(bad[0])}, outside the palette's 0..{colours.shape[0] - 1} and not {IGNORE_INDEX}"
+        )
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: colours.shape[0]] = colours.astype(np.uint8)
+    if colours.shape[0] <= IGNORE_INDEX:
+        table[IGNORE_INDEX] = IGNORE_COLOUR
+    image = Image.fromarray(labels.astype(np.uint8))  # 'L'; putpalette turns it into 'P' keeping the values
+    image.putpalette(table.reshape(-1).tolist())
+    write_atomic(path, lambda temporary: image.save(temporary, format="PNG"))
+
+
+def _checked_id(image_id: Any) -> str:
+    """An image id as a file name: no folder parts, so that a file never lands outside ``out_dir``."""
+    name = str(image_id)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"image id {image_id!r} cannot be a file name (it must not be empty or hold a path separator)")
+    return name
+
+
+class LabelMapWriter(Callback):
+    """Writes the label maps of ``test_step`` and ``predict_step`` outputs to ``<out_dir>/<image_id>.png``.
+
+    out_dir: default ``<trainer.log_dir>/predictions/labels``.
+    palette: (N, 3) uint8; default the datamodule's ``palette`` when it has one, else the VOC palette.
+    Each image is written once per run and process (an id met again, e.g. an image a distributed sampler
+    repeats to pad a batch, is not rewritten); processes writing the same id both write complete files
+    (atomic renames), so the survivor is whole.
+    """
+
+    def __init__(self, out_dir: str | None = None, palette: torch.Tensor | None = None):
+        self.out_dir = out_dir
+        self.palette = palette
+        self._folder: Path | None = None  # the resolved folder and palette of the current run
+        self._colours: torch.Tensor | None = None
+        self._written: set[str] = set()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        root = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank makes it
+        self._folder = Path(self.out_dir) if self.out_dir is not None else Path(root) / "predictions" / "labels"
+        colours = self.palette if self.palette is not None else getattr(getattr(trainer, "datamodule", None), "palette", None)
+        self._colours = torch.as_tensor(colours if colours is not None else _voc_palette(256), dtype=torch.uint8)
+        self._written = set()
+
+    def write(self, outputs: Any) -> None:
+        """Write ``outputs["label_maps"]`` under ``outputs["image_ids"]`` (see the class docstring)."""
+        if not isinstance(outputs, dict) or "image_ids" not in outputs or "label_maps" not in outputs:
+            raise ValueError(
+                "LabelMapWriter needs test_step / predict_step to return a dict with 'image_ids' and 'label_maps';"
+                f" got {type(outputs).__name__}" + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
+            )
+        image_ids, label_maps = list(outputs["image_ids"]), list(outputs["label_maps"])
+        if len(image_ids) != len(label_maps):
+            raise ValueError(f"LabelMapWriter: {len(image_ids)} image ids for {len(label_maps)} label maps")
+        if self._folder is None:
+            raise RuntimeError("LabelMapWriter.write was called before the trainer set it up")
+        for image_id, labels in zip(image_ids, label_maps):
+            name = _checked_id(image_id)
+            if name in self._written:
+                continue
+            write_label_png(self._folder / f"{name}.png", labels, self._colours)
+            self._written.add(name)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)

@@ -1,0 +1,250 @@
+"""The InvSeg LightningModule on the tiny random Stable Diffusion and the synthetic label maps."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from grounding.data.segmentation import SegmentationDataModule
+from grounding.lightning.invseg_module import InvSegModule
+from grounding.lightning.label_writer import LabelMapWriter
+from grounding.models.invseg import category_maps, predict_labels, weighted_resolution_maps
+from grounding.models.stable_diffusion import category_prompt
+
+SMALL = {"image_size": 64, "resolution": 8, "steps": 2, "log_images": 1}
+
+
+def datamodule(root, **kwargs):
+    return SegmentationDataModule(format="synthetic", synthetic_root=str(root), split="val", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def invseg_run(synthetic_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("invseg")
+    module = InvSegModule(**SMALL)
+    data = datamodule(synthetic_root)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(str(folder), name="invseg"),
+                      callbacks=[LabelMapWriter()], enable_progress_bar=False, enable_model_summary=False)
+    results = trainer.test(module, datamodule=data)[0]
+    return module, data, trainer, results
+
+
+def test_logged_miou_equals_the_written_label_maps_scored_by_hand(invseg_run):
+    """The label PNGs in the run folder, scored with a confusion matrix computed here, give the logged mIoU."""
+    module, data, trainer, results = invseg_run
+    classes = len(data.class_names)
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    folder = Path(trainer.log_dir) / "predictions" / "labels"
+    dataset = data.dataset
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(r.image_id for r in dataset.records)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        pred = np.asarray(Image.open(folder / f"{sample['image_id']}.png")).astype(np.int64)
+        truth = sample["labels"].numpy()
+        assert pred.shape == truth.shape  # the image's own size
+        valid = truth != 255
+        np.add.at(matrix, (truth[valid], pred[valid]), 1)
+    tp = np.diag(matrix).astype(float)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / union
+        acc = tp / matrix.sum(1)
+    assert results["test/mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-6)
+    assert results["test/mAcc"] == pytest.approx(np.nanmean(acc), abs=1e-6)
+    assert results["test/aAcc"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-6)
+    table = (Path(trainer.log_dir) / "predictions" / "invseg_val_iou.md").read_text()
+    assert f"mIoU {np.nanmean(iou):.4f}" in table and "| background |" in table
+
+
+def test_pictures_and_the_iou_table_reach_tensorboard(invseg_run):
+    _, data, trainer, _ = invseg_run
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    images = events.Tags()["images"]
+    assert len(images) == 1 and images[0].startswith("invseg/")
+    picture = events.Images(images[0])[0]
+    # image | ground truth | prediction | 2 maps per category, with the image at >= 512 px
+    assert picture.width > 3 * 512 + 2 * len(data.class_names) * 512 and picture.height >= 512
+    assert any("per_class_iou" in tag for tag in events.Tags()["tensors"])
+
+
+def test_segment_is_a_function_of_the_image_not_of_the_order(synthetic_root):
+    """Every draw is seeded by (seed, image id): the same image gives the same labels in any order."""
+    module = InvSegModule(**SMALL)
+    data = datamodule(synthetic_root)
+    data.setup()
+    module.set_classes(data.class_names, data.background_index)
+    a, b = data.dataset[0], data.dataset[1]
+    first = module.segment(a)["labels"]
+    module.segment(b)
+    again = module.segment(a)["labels"]
+    assert torch.equal(first, again)
+    other_seed = InvSegModule(**SMALL, seed=1)
+    other_seed.set_classes(data.class_names, data.background_index)
+    assert other_seed.segment(a)["losses"] != module.segment(a)["losses"]
+
+
+def test_zero_steps_leave_the_embeddings_and_the_maps_unchanged(synthetic_root):
+    module = InvSegModule(**{**SMALL, "steps": 0})
+    data = datamodule(synthetic_root)
+    data.setup()
+    module.set_classes(data.class_names, data.background_index)
+    result = module.segment(data.dataset[0])
+    assert result["losses"] == [] and torch.equal(result["before"], result["after"])
+
+
+def test_inversion_changes_only_the_category_tokens(synthetic_root):
+    module = InvSegModule(**SMALL)
+    names = ["background", "red circle", "blue square"]
+    embeddings, _ = module.diffusion.encode_prompt([category_prompt(names)])
+    positions = module.diffusion.category_token_positions(names)
+    image = torch.rand(3, 64, 64)
+    adapted, losses = module.invert(image, embeddings, positions, torch.Generator().manual_seed(0))
+    changed = (adapted != embeddings).any(-1)[0]
+    tokens = sorted(p for group in positions for p in group)
+    assert changed.nonzero().flatten().tolist() == tokens and len(losses) == 2
+
+
+def test_categories_all_oracle_and_a_list_keep_the_background_first(synthetic_root):
+    data = datamodule(synthetic_root)
+    data.setup()
+    sample = next(s for s in (data.dataset[i] for i in range(len(data.dataset))) if len(s["present"]) > 1)
+    for categories, expected in (
+        ("all", list(range(len(data.class_names)))),
+        ("oracle", sample["present"]),
+        (["blue square", "red circle"], [0, data.class_names.index("blue square"), data.class_names.index("red circle")]),
+    ):
+        module = InvSegModule(**SMALL, categories=categories)
+        module.set_classes(data.class_names, data.background_index)
+        assert module.categories_of(sample) == expected
+    seen = []
+
+    def present_filter(image, names):  # a hand-made filter: "finds" the second and third candidates
+        seen.append(list(names))
+        return [1, 2]
+
+    module = InvSegModule(**SMALL, categories="filter", category_filter=present_filter)
+    module.set_classes(data.class_names, data.background_index)
+    assert module.categories_of(sample) == [0, 2, 3] and seen == [data.class_names[1:]]
+    with pytest.raises(ValueError, match=r"model.categories 'filter' needs model.category_filter"):
+        InvSegModule(**SMALL, categories="filter")
+    module = InvSegModule(**SMALL, categories=["green hexagon"])
+    with pytest.raises(ValueError, match=r"model.categories names \['green hexagon'\] that are not classes of the dataset"):
+        module.set_classes(data.class_names, data.background_index)
+
+
+def test_diffsegmenter_predicts_the_argmax_of_the_weighted_resolution_maps(synthetic_root):
+    """The baseline's labels equal the arg-max of the resolutions' maps captured and weighted here."""
+    module = InvSegModule(**{**SMALL, "method": "diffsegmenter"}, baseline_weights={4: 0.3, 8: 0.5, 16: 0.2})
+    data = datamodule(synthetic_root)
+    data.setup()
+    module.set_classes(data.class_names, data.background_index)
+    sample = data.dataset[0]
+    result = module.segment(sample)
+    assert result["losses"] == []
+    sd = module.diffusion
+    names = data.class_names
+    embeddings, _ = sd.encode_prompt([category_prompt(names)])
+    pixels = torch.nn.functional.interpolate(sample["image"][None].float() / 255, size=(64, 64), mode="bilinear",
+                                             antialias=True, align_corners=False).clamp(0, 1)
+    latents = sd.encode_image(pixels)
+    generator = module._generator(sample["image_id"])
+    noisy = sd.noised(latents, 100, torch.randn(latents.shape, generator=generator))
+    per_res = sd.attention_maps(noisy, 100, embeddings, [4, 8, 16])
+    maps = weighted_resolution_maps(per_res, sd.category_token_positions(names), 16, {4: 0.3, 8: 0.5, 16: 0.2})[0]
+    assert torch.equal(result["labels"], predict_labels(maps, sample["labels"].shape))
+
+
+def test_a_prompt_too_long_names_the_image(synthetic_root):
+    module = InvSegModule(**SMALL, categories="all")
+    module.set_classes(["background"] + [f"class number {i} with a long name" for i in range(20)], 0)
+    sample = {"image": torch.zeros(3, 40, 56, dtype=torch.uint8), "image_id": "img7", "present": [0]}
+    with pytest.raises(ValueError, match=r"image img7: prompt .* tokens with its start and end tokens; the text encoder takes at most 77"):
+        module.segment(sample)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "clip"}, r"model.method must be one of invseg, diffsegmenter, got 'clip'"),
+        ({"categories": "some"}, r"model.categories must be 'all', 'oracle', 'filter' or a list of class names, got 'some'"),
+        ({"categories": []}, r"model.categories is an empty list"),
+        ({"image_size": 72}, r"model.image_size 72 must be a multiple of 16 for this model"),
+        ({"resolution": 5}, r"model.resolution 5 is not an attention grid of this model at image_size 64; available: \[4, 8, 16\]"),
+        ({"t_max": 1000}, r"model.t_max must be a timestep in \[0, 999\], got 1000"),
+        ({"t_min": 50, "t_max": 10}, r"model.t_min \(50\) and model.t_max \(10\) must satisfy"),
+        ({"min_scale": 0.0}, r"model.min_scale must be in \(0, 1\]"),
+        ({"steps": -1}, r"model.steps must be an integer >= 0"),
+        ({"model_dtype": "int8"}, r"model.model_dtype must be one of float32, bfloat16, float16"),
+        ({"method": "diffsegmenter", "baseline_weights": {64: 1.0}}, r"model.baseline_weights names no attention grid"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InvSegModule(**{**SMALL, **kwargs})
+
+
+def test_category_maps_of_the_module_are_those_of_the_captured_attention(synthetic_root):
+    """_maps = category_maps of one capture at ``resolution`` on the same noise (no hidden transformation)."""
+    module = InvSegModule(**SMALL)
+    sd = module.diffusion
+    names = ["background", "red circle"]
+    embeddings, _ = sd.encode_prompt([category_prompt(names)])
+    positions = sd.category_token_positions(names)
+    latents = sd.encode_image(torch.rand(1, 3, 64, 64))
+    maps = module._maps(latents, 50, embeddings, positions, torch.Generator().manual_seed(3))
+    noisy = sd.noised(latents, 50, torch.randn(latents.shape, generator=torch.Generator().manual_seed(3)))
+    captured = sd.attention_maps(noisy, 50, embeddings, (8,))[8]
+    expected = category_maps(captured.self_attention, captured.cross_attention, positions).reshape(1, 2, 8, 8)
+    torch.testing.assert_close(maps, expected)
+
+
+def test_the_adaptation_lowers_the_loss_on_a_synthetic_image(synthetic_root):
+    """15 Adam steps lower the InvSeg loss measured on the same fixed draw (views, t, noise) before and after
+    (t fixed and whole-image views so that the two measurements see the same inputs)."""
+    module = InvSegModule(**{**SMALL, "steps": 15, "lr": 0.05, "t_min": 50, "t_max": 50, "min_scale": 1.0})
+    data = datamodule(synthetic_root)
+    data.setup()
+    names = data.class_names
+    sd = module.diffusion
+    embeddings, _ = sd.encode_prompt([category_prompt(names)])
+    positions = sd.category_token_positions(names)
+    image = torch.nn.functional.interpolate(data.dataset[0]["image"][None].float() / 255, size=(64, 64), mode="bilinear",
+                                            antialias=True, align_corners=False)[0].clamp(0, 1)
+    before = module.step_loss(image, embeddings, positions, torch.Generator().manual_seed(5))
+    adapted, losses = module.invert(image, embeddings, positions, torch.Generator().manual_seed(1))
+    after = module.step_loss(image, adapted, positions, torch.Generator().manual_seed(5))
+    assert len(losses) == 15
+    assert float(after.total) < float(before.total) - 1e-3
+
+
+@pytest.mark.parametrize("how", ["autocast", "weights"])
+def test_bfloat16_runs_and_keeps_the_maps_in_float32(synthetic_root, how):
+    """bf16 as on a GPU (here on the CPU): autocast (--trainer.precision bf16-mixed) or bf16 weights
+    (--model.model_dtype bfloat16); the attention maps and losses stay float32, the labels valid."""
+    module = InvSegModule(**SMALL, model_dtype="bfloat16" if how == "weights" else "float32")
+    data = datamodule(synthetic_root)
+    data.setup()
+    module.set_classes(data.class_names, data.background_index)
+    sample = data.dataset[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        result = module.segment(sample)
+    assert result["after"].dtype == torch.float32 and all(np.isfinite(result["losses"]))
+    assert result["labels"].shape == sample["labels"].shape
+    assert set(result["labels"].unique().tolist()) <= set(range(len(data.class_names)))
+
+
+def test_an_odd_sized_grey_image_gets_a_label_map_of_its_own_size(synthetic_root):
+    """Any size enters the model resized to image_size; the prediction comes back at the image's size. A grey
+    image is read as three equal channels by the data (here given directly as such)."""
+    module = InvSegModule(**SMALL)
+    module.set_classes(["background", "red circle", "blue square"], 0)
+    grey = (torch.rand(1, 37, 53, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    sample = {"image": grey.expand(3, -1, -1), "image_id": "odd", "present": [0, 1]}
+    result = module.segment(sample)
+    assert result["labels"].shape == (37, 53) and result["after"].shape == (3, 8, 8)
