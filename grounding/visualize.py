@@ -264,3 +264,17 @@ def mask_panels(image: torch.Tensor, masks: Sequence[torch.Tensor], titles: Sequ
     one panel per mask, in a titled row (e.g. "level 0 (stride 8)") -> uint8 (3, strip + H', n W' + gaps)."""
     large, _ = upscale(_as_rgb_uint8(image), min_long_side)
     return panel_row([overlay_heatmap(large, mask) for mask in masks], titles)
+
+
+def segmentation_panels(image: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor,
+                        min_long_side: int = 512) -> list[torch.Tensor]:
+    """[image, ground truth, prediction] at a readable size: uint8 (3, H', W') each, the label maps (H, W) in
+    the VOC palette (``colorize_labels``) resized without blending labels. The first panel is the upscaled
+    image the callers draw their maps over."""
+    large, _ = upscale(_as_rgb_uint8(image), min_long_side)
+    size = tuple(large.shape[-2:])
+
+    def colored(labels: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(colorize_labels(labels)[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
+
+    return [large, colored(truth), colored(prediction)]

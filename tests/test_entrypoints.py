@@ -232,3 +232,19 @@ def test_logger_false_drops_the_learning_rate_monitor(synthetic_root, tmp_path, 
     cli = build_cli(["--data.synthetic_root", str(synthetic_root), "--trainer.accelerator", "cpu", "--trainer.logger", "false"])
     assert cli.trainer.logger is None
     assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+
+
+@pytest.mark.parametrize("config, metric", [("synthetic.yaml", "mIoU"), ("synthetic_points.yaml", "p_mIoU")])
+def test_gem_eval_on_two_processes_equals_one(synthetic_root, tmp_path, config, metric):
+    """5 validation images over 2 processes (the sampler repeats one): the same mIoU / p-mIoU as 1 process."""
+    outputs = {}
+    for devices in (1, 2):
+        outputs[devices] = run(
+            "eval.py", "--config", str(REPO / "configs" / "gem" / config),
+            "--data.init_args.synthetic_root", str(synthetic_root), "--model.init_args.short_side", "64",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / f"gem{devices}"), "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+        )
+    assert outputs[1]["split"] == "val" and outputs[1][metric] is not None
+    assert outputs[2][metric] == pytest.approx(outputs[1][metric], abs=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grounding.visualize import (colorize_labels, denormalize, detection_panel, draw_boxes, mask_panels,
-                                 overlay_heatmap, panel_row, upscale)
+                                 overlay_heatmap, panel_row, segmentation_panels, upscale)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -201,3 +201,18 @@ def test_mask_panels_one_overlay_per_mask():
     assert row.shape[2] == 3 * large.shape[2] + 2 * 4
     strip = row.shape[1] - large.shape[1]
     assert torch.equal(row[:, strip:, large.shape[2] + 4:2 * large.shape[2] + 4], overlay_heatmap(large, masks[1]))
+
+
+def test_segmentation_panels_are_readable_and_keep_the_labels_colours():
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    truth = torch.zeros(40, 60, dtype=torch.long)
+    truth[:, 30:] = 2
+    truth[0, 0] = 255
+    prediction = torch.ones(40, 60, dtype=torch.long)
+    large, truth_panel, prediction_panel = segmentation_panels(image, truth, prediction)
+    assert large.shape == truth_panel.shape == prediction_panel.shape and max(large.shape[-2:]) >= 512
+    scale = large.shape[-1] // 60
+    palette = colorize_labels(torch.tensor([[0, 1, 2, 255]]))[:, 0].T  # (4, 3) colours of 0, 1, 2, ignore
+    assert truth_panel[:, -1, -1].tolist() == palette[2].tolist() and truth_panel[:, 0, 0].tolist() == palette[3].tolist()
+    assert truth_panel[:, scale * 20, scale * 10].tolist() == palette[0].tolist()
+    assert (prediction_panel == palette[1][:, None, None]).all()

@@ -26,6 +26,13 @@ class EvaluationDataModule(L.LightningDataModule):
         """The split ``test_dataloader`` / ``predict_dataloader`` read."""
         return self.hparams.split
 
+    @property
+    def class_names(self) -> list[str]:
+        """The dataset's class names (index = class index, or label value for label maps)."""
+        if self.dataset is None:
+            self.setup()
+        return list(self.dataset.class_names)
+
     def _loader(self) -> DataLoader:
         if self.dataset is None:
             self.setup()

@@ -213,10 +213,3 @@ class RegionDataModule(EvaluationDataModule):
             records = records[: self.hparams.max_images]
         report.log()
         self.dataset = RegionDataset(records, class_names, report)
-
-    @property
-    def class_names(self) -> list[str]:
-        """Class names for class retrieval (the dataset's categories; no background for semantic)."""
-        if self.dataset is None:
-            self.setup()
-        return self.dataset.class_names

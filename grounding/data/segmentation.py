@@ -433,13 +433,6 @@ class SegmentationDataModule(EvaluationDataModule):
         self.dataset = SegmentationDataset(records, names)
 
     @property
-    def class_names(self) -> list[str]:
-        """Class names, index = label value (index 0 is background where ``background_index`` is 0)."""
-        if self.dataset is None:
-            self.setup()
-        return list(self.dataset.class_names)
-
-    @property
     def background_index(self) -> int | None:
         """0 when the data's first class is "background", else None (ADE20K, Pascal Context-59)."""
         if self.dataset is None:

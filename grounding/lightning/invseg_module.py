@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import zlib
-from pathlib import Path
 from typing import Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from grounding.metrics.segmentation import SegmentationMetric, format_iou_table
+from grounding.lightning.segmentation_report import report_segmentation
+from grounding.metrics.segmentation import SegmentationMetric
 from grounding.models.category_filter import CaptionClipFilter
 from grounding.models.invseg import (
     DIFFSEGMENTER_WEIGHTS,
@@ -48,8 +48,7 @@ from grounding.models.invseg import (
     weighted_resolution_maps,
 )
 from grounding.models.stable_diffusion import StableDiffusion, build_stable_diffusion, category_prompt
-from grounding.utils import write_atomic
-from grounding.visualize import colorize_labels, overlay_heatmap, panel_row, upscale
+from grounding.visualize import overlay_heatmap, panel_row, segmentation_panels
 
 log = logging.getLogger(__name__)
 
@@ -313,24 +312,7 @@ class InvSegModule(L.LightningModule):
         return self._process(batch, score=False)
 
     def on_test_epoch_end(self) -> None:
-        scores = self.metric.compute()  # a collective call under DDP: every rank makes it
-        for name in ("mIoU", "mAcc", "aAcc"):
-            self.log(f"test/{name}", float(scores[name]), rank_zero_only=True)
-        table = format_iou_table(self.class_names, scores["IoU"], scores["Acc"])
-        log_dir = self.trainer.log_dir  # a collective call under DDP
-        if not self.trainer.is_global_zero:
-            return
-        log.info("%s mIoU %.4f mAcc %.4f over %d classes\n%s", self.hparams.method, float(scores["mIoU"]),
-                 float(scores["mAcc"]), len(self.class_names), table)
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("test/per_class_iou", table, 0)
-        if log_dir:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            split = getattr(datamodule, "evaluation_split", "test")
-            path = Path(log_dir) / "predictions" / f"invseg_{split}_iou.md"
-            header = f"{self.hparams.method} on {split}: mIoU {float(scores['mIoU']):.4f}, mAcc {float(scores['mAcc']):.4f}\n\n"
-            write_atomic(path, lambda temporary: Path(temporary).write_text(header + table + "\n", encoding="utf-8"))
+        report_segmentation(self, self.metric, self.class_names, "invseg", self.hparams.method)
 
     # ------------------------------------------------------------------------------------- pictures
     def _log_panels(self, sample: dict, result: dict) -> None:
@@ -340,12 +322,8 @@ class InvSegModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             return
-        image, _ = upscale(sample["image"].cpu())
-        size = tuple(image.shape[-2:])
-        def labels_panel(labels: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(colorize_labels(labels)[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
-        panels = [image, labels_panel(sample["labels"]), labels_panel(result["labels"])]
-        titles = ["image", "ground truth", "prediction"]
+        panels = segmentation_panels(sample["image"].cpu(), sample["labels"], result["labels"])
+        image, titles = panels[0], ["image", "ground truth", "prediction"]
         for c, name in enumerate(result["names"]):
             panels += [overlay_heatmap(image, result["before"][c]), overlay_heatmap(image, result["after"][c])]
             titles += [f"{name}: before"[:30], f"{name}: after"[:30]]

@@ -1,0 +1,240 @@
+"""GEM and the training-free baselines against loop / raw-weight computations and transformers' own forward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grounding.models.clip import build_clip
+from grounding.models.gem import (
+    GEM,
+    adaptive_inverse_temperature,
+    class_text_embeddings,
+    self_self_attention,
+    similarity_maps,
+)
+
+#: native size 64 px (a 4x4 grid) so that transformers' own forward runs at the same size as ours
+NATIVE = {"vision_config": {"image_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_clip("tiny", image_size=64, overrides=NATIVE).double()
+
+
+def _pixels(backbone, seed=0, count=1, size=(64, 64)):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, *size, generator=generator, dtype=torch.float64)
+    return images.to(backbone.vision.embeddings.patch_embedding.weight.dtype)
+
+
+# -- independent computations ---------------------------------------------------------------------------
+def _unit(vector):
+    return vector / math.sqrt(float((vector * vector).sum()))
+
+
+def _loop_softmax_row(logits):
+    top = max(logits)
+    weights = [math.exp(value - top) for value in logits]
+    total = sum(weights)
+    return [weight / total for weight in weights]
+
+
+def _loop_self_self(stream, beta, iterations):
+    """One head (T, c): the iterated self-self attention token by token, Python floats for the softmax."""
+    rows = [_unit(row) for row in stream]
+    for _ in range(iterations):
+        updated = []
+        for row in rows:
+            weights = _loop_softmax_row([beta * float(row @ other) for other in rows])
+            updated.append(_unit(sum(weight * other for weight, other in zip(weights, rows))))
+        rows = updated
+    return torch.tensor([_loop_softmax_row([beta * float(row @ other) for other in rows]) for row in rows],
+                        dtype=stream.dtype)
+
+
+def _loop_beta(z, head_dim):
+    """τ = N √d / Σ‖x_i‖ of the paper, inverted, one image (T, d)."""
+    norms = [math.sqrt(sum(float(value) ** 2 for value in token)) for token in z]
+    return 1.0 / (len(norms) * math.sqrt(head_dim) / sum(norms))
+
+
+def _ln(module, x):
+    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _linear(module, x):
+    return x @ module.weight.T + module.bias
+
+
+def _hf_hidden_states(backbone, pixels):
+    """transformers' own forward at the native size: the inputs of every block and the last output."""
+    with torch.no_grad():
+        return backbone.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+
+
+def _hf_project(backbone, tokens):
+    vision, projection = backbone.vision.post_layernorm, backbone.model.visual_projection
+    return F.normalize(_linear_nobias(projection, _ln(vision, tokens[:, 1:])), dim=-1)
+
+
+def _linear_nobias(module, x):
+    assert module.bias is None  # CLIP's visual projection has none
+    return x @ module.weight.T
+
+
+def _direct_pathway(backbone, pixels, depth, mode, iterations=1, temperature=None):
+    """GEM / CLIPSurgery pathway from the raw weights, head by head, with transformers' hidden states as x_ori."""
+    hidden = _hf_hidden_states(backbone, pixels)  # hidden[i]: input of block i
+    layers = backbone.vision.encoder.layers
+    first = len(layers) - (depth - 1)
+    path = hidden[first].clone()
+    for index in range(first, len(layers)):
+        layer, x = layers[index], hidden[index]
+        heads = layer.self_attn.num_heads
+        head_dim = x.shape[-1] // heads
+        z = _ln(layer.layer_norm1, x)
+        q, k, v = (_linear(proj, z) for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+        merged = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            beta = _loop_beta(z[b], head_dim) if temperature is None else 1.0 / temperature
+            for h in range(heads):
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                value = v[b, :, cols]
+                if mode == "gem":
+                    maps = [_loop_self_self(s[b, :, cols], beta, iterations) for s in (q, k, v)]
+                    merged[b, :, cols] = sum(attn @ value for attn in maps) / 3
+                else:
+                    merged[b, :, cols] = _loop_self_self(value, beta, 0) @ value
+        path = path + _linear(layer.self_attn.out_proj, merged)
+    return _hf_project(backbone, path)
+
+
+# -- self-self attention and β ----------------------------------------------------------------------------
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+def test_self_self_attention_equals_a_token_by_token_loop(iterations):
+    stream = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    beta = torch.tensor([0.7, 3.0], dtype=torch.float64)
+    attn = self_self_attention(stream, beta, iterations)
+    assert attn.shape == (2, 3, 6, 6)
+    for b in range(2):
+        for h in range(3):
+            expected = _loop_self_self(stream[b, h], float(beta[b]), iterations)
+            torch.testing.assert_close(attn[b, h], expected, rtol=0, atol=1e-12)
+
+
+def test_zero_iterations_is_the_plain_normalized_self_self_form():
+    stream = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    unit = stream / stream.norm(dim=-1, keepdim=True)
+    expected = torch.softmax(2.5 * torch.einsum("bhic,bhjc->bhij", unit, unit), dim=-1)
+    torch.testing.assert_close(self_self_attention(stream, 2.5, 0), expected, rtol=0, atol=1e-12)
+    # an iteration changes the map (so the loop above is really exercised)
+    assert not torch.allclose(self_self_attention(stream, 2.5, 1), expected, atol=1e-6)
+
+
+def test_adaptive_inverse_temperature_is_the_inverse_of_the_papers_tau():
+    z = torch.randn(3, 9, 16, dtype=torch.float64) * torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)[:, None, None]
+    beta = adaptive_inverse_temperature(z, head_dim=4)
+    assert beta.shape == (3,)
+    for b in range(3):
+        assert float(beta[b]) == pytest.approx(_loop_beta(z[b], 4), rel=1e-12)
+
+
+# -- the pathways against direct computations ------------------------------------------------------------
+def test_plain_equals_transformers_vision_model_and_gem_without_modified_blocks(backbone):
+    pixels = _pixels(backbone, count=2)
+    plain = GEM(backbone, "plain")(pixels)
+    expected = _hf_project(backbone, _hf_hidden_states(backbone, pixels)[-1])
+    assert plain.shape == (2, 16, backbone.embed_dim)
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-8)  # fused attention vs transformers' eager one
+    assert torch.equal(GEM(backbone, "gem", depth=1)(pixels), plain)
+
+
+@pytest.mark.parametrize(("depth", "iterations", "temperature"), [(3, 1, None), (5, 2, None), (2, 1, 0.3)])
+def test_gem_equals_a_direct_head_by_head_computation(backbone, depth, iterations, temperature):
+    pixels = _pixels(backbone, seed=1, count=2)
+    gem = GEM(backbone, "gem", depth=depth, iterations=iterations, temperature=temperature)(pixels)
+    expected = _direct_pathway(backbone, pixels, depth, "gem", iterations, temperature)
+    torch.testing.assert_close(gem, expected, rtol=0, atol=1e-8)  # the original stream runs fused attention
+    assert not torch.allclose(gem, GEM(backbone, "plain")(pixels), atol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [None, 0.5])
+def test_clipsurgery_equals_a_direct_value_value_computation(backbone, temperature):
+    pixels = _pixels(backbone, seed=2, count=2)
+    surgery = GEM(backbone, "clipsurgery", depth=4, temperature=temperature)(pixels)
+    expected = _direct_pathway(backbone, pixels, 4, "clipsurgery", temperature=temperature)
+    torch.testing.assert_close(surgery, expected, rtol=0, atol=1e-8)  # the original stream runs fused attention
+
+
+def test_maskclip_is_the_last_blocks_value_path(backbone):
+    pixels = _pixels(backbone, seed=3, count=2)
+    layer = backbone.vision.encoder.layers[-1]
+    x = _hf_hidden_states(backbone, pixels)[-2]  # input of the last block
+    tokens = _linear(layer.self_attn.out_proj, _linear(layer.self_attn.v_proj, _ln(layer.layer_norm1, x)))
+    torch.testing.assert_close(GEM(backbone, "maskclip")(pixels), _hf_project(backbone, tokens), rtol=0, atol=1e-8)
+
+
+# -- maps ------------------------------------------------------------------------------------------------
+def test_non_square_maps_are_batched_per_image_and_on_the_patch_grid(backbone):
+    pixels = _pixels(backbone, seed=4, count=2, size=(64, 96))
+    text = torch.randn(3, backbone.embed_dim, dtype=torch.float64)
+    maps = similarity_maps(backbone, pixels, text, depth=3)
+    assert maps.shape == (2, 3, 64, 96)
+    for b in range(2):
+        torch.testing.assert_close(maps[b:b + 1], similarity_maps(backbone, pixels[b:b + 1], text, depth=3),
+                                   rtol=0, atol=1e-12)
+    # at the grid size the upsampling is the identity: row-major cosines of the patch embeddings
+    grid = similarity_maps(backbone, pixels, text, depth=3, output_size=(4, 6))
+    patches = GEM(backbone, depth=3)(pixels)
+    cosines = F.cosine_similarity(patches[:, None, :, :], text[None, :, None, :], dim=-1)  # (B, C, N)
+    torch.testing.assert_close(grid, cosines.reshape(2, 3, 4, 6), rtol=0, atol=1e-12)
+    assert grid.abs().max() <= 1 + 1e-12
+    # bilinear with half-pixel centres: the cell centre (0, 0) sits at pixel 7.5, so the corner 8x8 pixels
+    # are clamped to it, and the map varies from pixel 8 on (no nearest / align_corners upsampling)
+    corner = maps[:, :, :8, :8]
+    torch.testing.assert_close(corner, grid[:, :, :1, :1].expand_as(corner), rtol=0, atol=1e-12)
+    weight = 0.5 / 16
+    torch.testing.assert_close(maps[:, :, 0, 8], (1 - weight) * grid[:, :, 0, 0] + weight * grid[:, :, 0, 1],
+                               rtol=0, atol=1e-12)
+
+
+def test_class_text_embeddings_are_unit_prompts(backbone):
+    embeddings = class_text_embeddings(backbone, ["cat", "dog"])
+    expected = backbone.encode_text(["a photo of a cat.", "a photo of a dog."])
+    torch.testing.assert_close(embeddings, expected / expected.norm(dim=-1, keepdim=True), rtol=0, atol=1e-12)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2, dtype=embeddings.dtype))
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(backbone):
+    text = torch.randn(2, backbone.embed_dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^image 64x90 is not a multiple of the patch size 16$"):
+        similarity_maps(backbone, _pixels(backbone, size=(64, 90)), text, depth=2)
+    with pytest.raises(ValueError, match=r"^depth=7 would modify 6 blocks of a vision tower of 4: use 1 <= depth <= 5$"):
+        GEM(backbone)
+    with pytest.raises(ValueError, match=r"^method='gradcam' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain'\)$"):
+        GEM(backbone, "gradcam", depth=2)
+    with pytest.raises(ValueError, match=r"^temperature=0 must be > 0 \(or None for the adaptive one\)$"):
+        GEM(backbone, depth=2, temperature=0)
+    with pytest.raises(ValueError, match=r"^text must be \(C, 32\) embeddings, got \(2, 5\)$"):
+        similarity_maps(backbone, _pixels(backbone), torch.randn(2, 5, dtype=torch.float64), depth=2)
+    with pytest.raises(TypeError, match="^class_names must be a list of strings, not one string$"):
+        class_text_embeddings(backbone, "cat")
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+def test_fused_self_self_output_equals_the_map_times_the_values(iterations):
+    """self_self_output never forms the T x T map; it equals self_self_attention(...) @ value."""
+    from grounding.models.gem import self_self_output
+
+    generator = torch.Generator().manual_seed(iterations)
+    stream = torch.randn(2, 3, 10, 4, generator=generator, dtype=torch.float64)
+    value = torch.randn(2, 3, 10, 4, generator=generator, dtype=torch.float64)
+    beta = torch.tensor([1.5, 4.0], dtype=torch.float64)
+    expected = torch.matmul(self_self_attention(stream, beta, iterations), value)
+    torch.testing.assert_close(self_self_output(stream, value, beta, iterations), expected, rtol=0, atol=1e-12)
