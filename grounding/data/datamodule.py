@@ -7,6 +7,8 @@ for whatever paths are not given explicitly.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +18,9 @@ from torch.utils.data import DataLoader
 from grounding.data.coco import INVALID_BOXES, CocoDetection, collate_detection, detection_transforms
 from grounding.data.coco_file import ground_truth, read_categories, read_coco
 from grounding.data.sampling import EpochSampler, ResumableDataLoader
+from grounding.utils import write_atomic
+
+log = logging.getLogger(__name__)
 
 CHECK_IMAGES = ("none", "eval", "all")
 
@@ -177,6 +182,22 @@ class CocoDetectionDataModule(L.LightningDataModule):
         for split in wanted.get(stage, ["train", "val", "test"]):
             if self.paths[split][0]:
                 self._dataset(split)
+        h = self.hparams
+        trainer = getattr(self, "trainer", None)
+        if stage == "fit" and trainer is not None and (h.shots_per_category or h.train_fraction < 1):
+            log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
+            if trainer.is_global_zero and log_dir:
+                self.write_train_subset(Path(log_dir) / "train_subset.json")
+
+    def write_train_subset(self, path: str | Path) -> Path:
+        """Write the sampled training set (k-shot or fraction) as a COCO instances file, atomically: given as
+        ``--data.train_annotations`` (without the sampling settings) it trains on exactly these images and boxes."""
+        coco = self.ground_truth("train")
+        path = Path(path)
+        write_atomic(path, lambda temporary: Path(temporary).write_text(json.dumps(coco.dataset), encoding="utf-8"))
+        log.info("training subset (%d images, %d boxes) written to %s", len(coco.dataset["images"]),
+                 len(coco.dataset["annotations"]), path)
+        return path
 
     def _loader(self, split: str) -> DataLoader:
         h = self.hparams

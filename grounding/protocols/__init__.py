@@ -1,1 +1,2 @@
-"""Evaluation protocols that run an entry point over several datasets (ODinW-13)."""
+"""Protocols that run the entry points many times: zero-shot ODinW-13 (``odinw``), few-shot / low-data sweeps
+(``sweep``), weight-space ensembling of a fine-tuned and a zero-shot model (``weight_ensemble``)."""

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +303,24 @@ def test_training_splits_are_checked_only_when_asked(tmp_path):
         CocoDetectionDataModule(**settings, check_images="all")._dataset("train")
     with pytest.raises(ValueError, match=r"data.check_images must be one of \('none', 'eval', 'all'\), got 'some'"):
         CocoDetectionDataModule(**settings, check_images="some")
+
+
+@pytest.mark.parametrize("subset", [{"shots_per_category": 1, "subset_seed": 7}, {"train_fraction": 0.5, "subset_seed": 3}])
+def test_a_sampled_training_set_is_written_with_the_run_and_reloads_to_the_same_subset(synthetic_root, tmp_path, subset):
+    """Under a Trainer the k-shot / fraction subset lands in the run folder; given back as the training file
+    (without the sampling settings) it is exactly the same images and boxes."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = CocoDetectionDataModule(synthetic_root=str(synthetic_root), image_size=96, max_size=128, **subset)
+    data.trainer = Trainer(accelerator="cpu", logger=CSVLogger(str(tmp_path)), enable_progress_bar=False)
+    data.setup("fit")
+    written = Path(data.trainer.log_dir) / "train_subset.json"
+    sampled = data._dataset("train")
+    again = CocoDetectionDataModule(
+        train_annotations=str(written), train_images=str(synthetic_root / "images" / "train"), image_size=96, max_size=128,
+    )._dataset("train")
+    full = CocoDetectionDataModule(synthetic_root=str(synthetic_root), image_size=96, max_size=128)._dataset("train")
+    assert sorted(again.image_ids) == sorted(sampled.image_ids) and len(sampled.image_ids) < len(full.image_ids)
+    assert again.annotation_ids == sampled.annotation_ids
+    assert json.loads(written.read_text())["categories"] == json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())["categories"]
