@@ -3,7 +3,7 @@ in order, served alike by ``test_dataloader`` and ``predict_dataloader`` as list
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -12,6 +12,18 @@ from torch.utils.data import DataLoader, Dataset
 def collate_samples(batch: list[dict]) -> list[dict]:
     """The samples unchanged: every image keeps its own size; the method resizes."""
     return batch
+
+
+class RecordDataset(Dataset):
+    """A list of records (one per image) with the dataset's class names; subclasses read a record in
+    ``__getitem__``."""
+
+    def __init__(self, records: Sequence, class_names: Sequence[str]):
+        self.records = list(records)
+        self.class_names = list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 class EvaluationDataModule(L.LightningDataModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 _EXIF_ORIENTATION = 0x0112
@@ -118,3 +119,8 @@ def check_image(path: str | Path, expected_size: tuple[int, int] | None = None, 
             )
     if _looks_truncated(Path(path), image_format):
         raise ImageReadError(f"image {where} is truncated: the {image_format} file ends before its end marker")
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image (``read_rgb_image``'s) as a uint8 (3, H, W) tensor."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()

@@ -34,11 +34,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from grounding.data.coco import SkipReport
-from grounding.data.evaluation import EvaluationDataModule
-from grounding.data.images import check_image, read_rgb_image
+from grounding.data.evaluation import EvaluationDataModule, RecordDataset
+from grounding.data.images import check_image, image_tensor, read_rgb_image
 from grounding.data.region_readers import _find_image, _read_label_png, read_class_names, read_image_list
 
 log = logging.getLogger(__name__)
@@ -229,7 +228,7 @@ def load_openimages_points(
 
 
 # ------------------------------------------------------------------------------------- dataset
-class OpenImagesPointsDataset(Dataset):
+class OpenImagesPointsDataset(RecordDataset):
     """Images at their own size with their points.
 
     ``dataset[i]`` is ``{"image": uint8 (3, H, W), "image_id": str, "classes": sorted class indices with a
@@ -238,13 +237,6 @@ class OpenImagesPointsDataset(Dataset):
     Pixel coordinates are continuous: pixel (i, j) covers x in [j, j + 1), y in [i, i + 1).
     """
 
-    def __init__(self, records: Sequence[PointRecord], class_names: Sequence[str]):
-        self.records = list(records)
-        self.class_names = list(class_names)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = read_rgb_image(record.path, None, record.image_id)
@@ -252,7 +244,7 @@ class OpenImagesPointsDataset(Dataset):
         points = torch.from_numpy(record.points.xy.astype(np.float32)) * torch.tensor([width, height], dtype=torch.float32)
         point_classes = torch.from_numpy(record.points.classes.astype(np.int64))
         return {
-            "image": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+            "image": image_tensor(image),
             "image_id": record.image_id,
             "classes": sorted(set(point_classes.tolist())),
             "points": points,

@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from grounding.data.coco import SkipReport
-from grounding.data.evaluation import EvaluationDataModule
-from grounding.data.images import read_rgb_image
+from grounding.data.evaluation import EvaluationDataModule, RecordDataset
+from grounding.data.images import image_tensor, read_rgb_image
 from grounding.data.region_readers import (
     RegionImageRecord,
     load_coco_regions,
@@ -28,7 +26,7 @@ from grounding.data.region_readers import (
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------- dataset
-class RegionDataset(Dataset):
+class RegionDataset(RecordDataset):
     """Images at their original size with their region masks.
 
     ``dataset[i]`` is ``{"image_id": str, "image": uint8 (3, H, W), "masks": bool (R, H, W),
@@ -38,12 +36,8 @@ class RegionDataset(Dataset):
     """
 
     def __init__(self, records: list[RegionImageRecord], class_names: list[str], report: SkipReport | None = None):
-        self.records = list(records)
-        self.class_names = list(class_names)
+        super().__init__(records, class_names)
         self.report = report if report is not None else SkipReport("regions")
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     @property
     def num_regions(self) -> int:
@@ -52,7 +46,7 @@ class RegionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = read_rgb_image(record.path, (record.width, record.height), record.image_id)
-        image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        image = image_tensor(image)
         cache: dict = {}
         masks, regions = [], []
         for region in record.regions:

@@ -34,12 +34,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from grounding.data.coco import SkipReport
-from grounding.data.evaluation import EvaluationDataModule
+from grounding.data.evaluation import EvaluationDataModule, RecordDataset
 from grounding.data.coco_file import read_coco
-from grounding.data.images import check_image, image_sizes, read_rgb_image
+from grounding.data.images import check_image, image_sizes, image_tensor, read_rgb_image
 from grounding.data.masks import decode_mask
 from grounding.data.region_readers import _find_image, _read_label_png, label_folder_stems, read_class_names, read_image_list
 from grounding.visualize import _voc_palette
@@ -281,20 +280,13 @@ def check_records(records: Sequence[SegmentationRecord]) -> None:
 
 
 # ------------------------------------------------------------------------------------- dataset
-class SegmentationDataset(Dataset):
+class SegmentationDataset(RecordDataset):
     """Images at their own size with their label maps.
 
     ``dataset[i]`` is ``{"image": uint8 (3, H, W), "labels": int64 (H, W) (IGNORE_INDEX = ignore),
     "image_id": str, "present": sorted label values in the map other than IGNORE_INDEX (the "oracle"
     category set), "path": str}``. Grey, palette, CMYK and 16-bit images are turned into 8-bit RGB.
     """
-
-    def __init__(self, records: Sequence[SegmentationRecord], class_names: Sequence[str]):
-        self.records = list(records)
-        self.class_names = list(class_names)
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
@@ -307,7 +299,7 @@ class SegmentationDataset(Dataset):
             image = read_rgb_image(record.path, (labels.shape[1], labels.shape[0]), record.image_id)
         present = np.unique(labels)
         return {
-            "image": torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+            "image": image_tensor(image),
             "labels": torch.from_numpy(labels),
             "image_id": record.image_id,
             "present": [int(v) for v in present if v != IGNORE_INDEX],
