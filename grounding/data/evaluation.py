@@ -33,6 +33,18 @@ class EvaluationDataModule(L.LightningDataModule):
     dataset: Dataset | None = None
     collate: Callable[[list[dict]], object] = staticmethod(collate_samples)
 
+    @staticmethod
+    def check_loader_settings(split: object, limit: object, batch_size: object, num_workers: object) -> None:
+        """The settings every evaluation DataModule shares, each with an error naming it."""
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split must be a non-empty string; got {split!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive integer or None; got {limit!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+
     @property
     def evaluation_split(self) -> str:
         """The split ``test_dataloader`` / ``predict_dataloader`` read."""

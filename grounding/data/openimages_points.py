@@ -373,14 +373,7 @@ class OpenImagesPointsDataModule(EvaluationDataModule):
             raise ValueError("set points_csv, classes_csv and image_dir (or synthetic_root for the synthetic dataset)")
         if synthetic_root is not None and any(files):
             raise ValueError("set either synthetic_root or points_csv / classes_csv / image_dir, not both")
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"split must be a non-empty string; got {split!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive integer or None; got {limit!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+        self.check_loader_settings(split, limit, batch_size, num_workers)
         self.dataset: OpenImagesPointsDataset | None = None
         self.report: SkipReport | None = None
         self.label_names: list[str] | None = None

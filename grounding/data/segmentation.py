@@ -365,14 +365,7 @@ class SegmentationDataModule(EvaluationDataModule):
             raise ValueError(f"reduce_zero_label applies to format 'folder' only; got format {format!r}")
         if prompt_names and (format != "voc" or classes_file or class_names):
             raise ValueError("prompt_names applies to format 'voc' with its built-in classes (no classes_file, no class_names)")
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"split must be a non-empty string; got {split!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive integer or None; got {limit!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+        self.check_loader_settings(split, limit, batch_size, num_workers)
         if class_names is not None and (not class_names or not all(isinstance(n, str) and n.strip() for n in class_names)):
             raise ValueError(f"class_names must be a list of non-empty names; got {class_names!r}")
         self.dataset: SegmentationDataset | None = None

@@ -52,6 +52,7 @@ class _GEMBase(L.LightningModule):
             raise ValueError(f"model.window ({window}) and model.stride ({stride}) must be multiples of the patch size "
                              f"{patch} with 0 < stride <= window")
         self.class_names: list[str] = []
+        self.metric = None  # the subclass's metric, made when the dataset's classes are known
         self._text: torch.Tensor | None = None
         self._logged = 0
 
@@ -113,7 +114,14 @@ class _GEMBase(L.LightningModule):
                 count[:, top:top + crop.shape[-2], left:left + crop.shape[-1]] += 1
         return total / count
 
-    def _log_panel(self, tag: str, image: torch.Tensor, panels: list[torch.Tensor], titles: list[str]) -> None:
+    def on_test_epoch_start(self) -> None:
+        self._logged = 0
+        if self.metric is not None:
+            self.metric.reset()
+
+    on_predict_epoch_start = on_test_epoch_start
+
+    def _log_panel(self, tag: str, panels: list[torch.Tensor], titles: list[str]) -> None:
         if self._logged >= self.hparams.log_images or self._trainer is None or not self.trainer.is_global_zero:
             return
         experiment = getattr(self.logger, "experiment", None)
@@ -187,13 +195,6 @@ class GEMSegmentationModule(_GEMBase):
             labels = torch.where(confidence < self.hparams.background_threshold, torch.full_like(labels, self.background), labels)
         return labels
 
-    def on_test_epoch_start(self) -> None:
-        self._logged = 0
-        if self.metric is not None:
-            self.metric.reset()
-
-    on_predict_epoch_start = on_test_epoch_start
-
     def _process(self, batch: list[dict], score: bool) -> dict:
         if self._text is None:
             raise RuntimeError("GEMSegmentationModule needs the dataset's classes: run it with a SegmentationDataModule or call set_classes")
@@ -227,7 +228,7 @@ class GEMSegmentationModule(_GEMBase):
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
             panels.append(overlay_heatmap(image, heat))
             titles.append(self.class_names[c][:30])
-        self._log_panel(f"gem/{sample['image_id']}", image, panels, titles)
+        self._log_panel(f"gem/{sample['image_id']}", panels, titles)
 
 
 class GEMPointModule(_GEMBase):
@@ -268,11 +269,6 @@ class GEMPointModule(_GEMBase):
         self.set_text(self.class_names)
         self.metric = PointMIoU(len(self.class_names), threshold=self.hparams.threshold).to(self.device)
 
-    def on_test_epoch_start(self) -> None:
-        self._logged = 0
-        if self.metric is not None:
-            self.metric.reset()
-
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
         if self._text is None:
             raise RuntimeError("GEMPointModule needs the dataset's classes: run it with an OpenImagesPointsDataModule or call set_classes")
@@ -285,7 +281,7 @@ class GEMPointModule(_GEMBase):
             if self._logged < self.hparams.log_images:
                 image, _ = upscale(sample["image"].cpu())
                 panels = [image] + [overlay_heatmap(image, (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)) for m in maps[:4]]
-                self._log_panel(f"gem_points/{sample['image_id']}", image, panels,
+                self._log_panel(f"gem_points/{sample['image_id']}", panels,
                                 ["image"] + [self.class_names[c][:30] for c in classes[:4]])
 
     def on_test_epoch_end(self) -> None:
