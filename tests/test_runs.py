@@ -58,13 +58,15 @@ def weights(checkpoint):
 
 
 def test_ddp_training_on_two_processes_equals_one_process_with_the_same_global_batch(synthetic_root, tmp_path):
+    """Without contrastive denoising: its group count follows the largest box count of each process's batch,
+    so 2 processes draw other denoising queries than 1 (as in DINO); CDN under DDP is the next test's."""
     results = {}
     for devices, batch in ((1, 4), (2, 2)):
         result = run("train.py", train_args(
             synthetic_root, tmp_path / f"d{devices}", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--data.batch_size", str(batch),
             "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.precision", "64-true",
-            model_config=NO_DROPOUT,
+            "--model.denoising.number", "0", model_config=NO_DROPOUT,
         ), cwd=tmp_path)
         out = summary(result)
         results[devices] = (out, weights(Path(out["run_dir"]) / "checkpoints" / "last.ckpt"))
@@ -84,14 +86,31 @@ def test_ddp_training_on_two_processes_equals_one_process_with_the_same_global_b
         assert two["trained"][name] == pytest.approx(one["trained"][name], abs=1e-6)
 
 
-def initial_weights():
-    """The weights the runs above start from: the CLI seeds everything with 0, then builds the model."""
+def initial_weights(model_config=NO_DROPOUT, **kwargs):
+    """The weights the runs start from: the CLI seeds everything with 0, then builds the model."""
     import lightning as L
 
     from grounding.lightning.image_module import ImageGroundingModule
 
     L.seed_everything(0, verbose=False)
-    return ImageGroundingModule(model="tiny", model_config=NO_DROPOUT).state_dict()
+    return ImageGroundingModule(model="tiny", model_config=model_config, **kwargs).state_dict()
+
+
+def test_ddp_training_with_contrastive_denoising(synthetic_root, tmp_path):
+    """The demo's CDN on 2 processes: DDP finds no unused parameter (it would stop the run) and the denoising
+    label table is trained."""
+    from grounding.models.denoising import DenoisingConfig
+
+    out = summary(run("train.py", train_args(
+        synthetic_root, tmp_path / "cdn", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "2",
+        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--model.denoising.number", "30",
+    ), cwd=tmp_path))
+    assert out["steps"] == 3  # 12 images, global batch 4
+    trained = weights(Path(out["run_dir"]) / "checkpoints" / "last.ckpt")
+    start = initial_weights(TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=30))
+    assert trained.keys() == start.keys()
+    name = "denoising.label_embedding.weight"
+    assert (trained[name] - start[name]).abs().max() > 1e-4
 
 
 def start(script, args, cwd):

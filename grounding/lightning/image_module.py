@@ -24,6 +24,7 @@ from grounding.data.prompts import Prompt, build_prompts, category_scores
 from grounding.lightning.guards import NonFiniteGuard
 from grounding.metrics.coco_eval import CocoBoxMetric, write_json_atomic
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig
+from grounding.models.denoising import ContrastiveDenoising, DenoisingConfig, denoising_training
 from grounding.models.grounding_dino import (
     build_grounding_dino,
     encoder_token_count,
@@ -35,6 +36,9 @@ from grounding.models.grounding_dino import (
 from grounding.visualize import denormalize, detection_panel, mask_panels, upscale
 
 log = logging.getLogger(__name__)
+
+#: the loss terms logged at every step (the last decoder layer's, the encoder's and the denoising ones)
+LOGGED_TERMS = tuple(f"loss_{term}{part}" for part in ("", "_enc", "_dn") for term in ("ce", "bbox", "giou"))
 
 
 class ImageGroundingModule(L.LightningModule):
@@ -60,6 +64,8 @@ class ImageGroundingModule(L.LightningModule):
             proposals, so the proposal head learns, as in the original Grounding DINO
             (``grounding.models.grounding_dino.trained_proposals``); ``detached``: transformers' loss as it
             is, which never trains that head (it is then frozen).
+        denoising: contrastive denoising training (``DenoisingConfig``: number, label_noise, box_noise; DINO's
+            CDN, ``grounding.models.denoising``); ``number: 0`` (the default) trains without it.
 
     The parameters that never receive a gradient are frozen
     (``grounding.models.grounding_dino.untrained_modules``), so DDP needs no ``find_unused_parameters``.
@@ -86,6 +92,7 @@ class ImageGroundingModule(L.LightningModule):
         log_score_threshold: float = 0.3,
         max_nonfinite_steps: int = 10,
         proposal_loss: str = "trained",
+        denoising: DenoisingConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -116,6 +123,13 @@ class ImageGroundingModule(L.LightningModule):
         self.frozen_untrained = freeze_untrained(self.detector, proposal_loss)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.masking = AdaptiveMasking(self.masking_config)
+        self.denoising_config = denoising if denoising is not None else DenoisingConfig()
+        self.denoising = None
+        if self.denoising_config.enabled:
+            config = self.detector.config
+            if not config.two_stage:
+                raise ValueError("model.denoising needs a two-stage model (its decoder queries carry boxes)")
+            self.denoising = ContrastiveDenoising(self.denoising_config, config.d_model, config.max_text_len)
         self.prompts: list[Prompt] = []
         self.categories: dict[int, str] = {}
         self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric, made in setup from the datamodule
@@ -153,6 +167,8 @@ class ImageGroundingModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         groups = parameter_groups(self.detector, h.lr, h.lr_backbone, h.lr_text_encoder, h.weight_decay)
+        if self.denoising is not None:
+            groups.append({"params": list(self.denoising.parameters()), "lr": h.lr, "weight_decay": h.weight_decay, "name": "denoising"})
         # the fused kernel updates all tensors at once: 7x faster than the per-tensor loop on the CPU demo model
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, fused=fused or None)
@@ -218,22 +234,28 @@ class ImageGroundingModule(L.LightningModule):
         labels = self._labels(batch["targets"], prompt_index)
         p = self.progress()
         trained = self.hparams.get("proposal_loss", "trained") == "trained"
+        queries = None
+        if self.denoising is not None:
+            queries = self.denoising.build(labels, len(prompt.category_ids), self.detector.config.num_queries)
         with feature_masking(self.detector, self.masking, p, pixel_mask), (
             trained_proposals(self.detector) if trained else contextlib.nullcontext()
-        ):
+        ), denoising_training(self.detector, queries):
             outputs = self.detector(
                 pixel_values=pixel_values,
                 pixel_mask=pixel_mask,
                 labels=labels,
                 **self._text_inputs(prompt, pixel_values.shape[0]),
             )
-        loss = self.nonfinite(self, outputs.loss * self._global_box_normalization(labels))
+        total = outputs.loss
+        if self.denoising is not None and queries is None:
+            total = total + self.denoising.unused_term()  # no box in this batch: DDP still sees every parameter
+        loss = self.nonfinite(self, total * self._global_box_normalization(labels))
         if loss is None:
             return None
         batch_size = pixel_values.shape[0]
         self.log("train/loss", outputs.loss, prog_bar=True, batch_size=batch_size)
         for name, value in outputs.loss_dict.items():
-            if name in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
+            if name in LOGGED_TERMS:
                 self.log(f"train/{name}", value, batch_size=batch_size)
         if self.masking.config.variant != "none":
             self.log("mask/strength_k", float(self.masking.last_strength), batch_size=batch_size)

@@ -1,0 +1,159 @@
+"""MimicModule under the Trainer: PNGs written once, metrics equal to the written answers, bf16, 2 processes."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from grounding.data.concepts import ConceptDataModule
+from grounding.lightning.mimic_module import MimicImageWriter, MimicModule
+from grounding.models.mimic import exact_match, token_f1
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = dict(iterations=3, jitter=1, samples_per_target=2, clip_image_size=32, max_new_tokens=3, log_every=2, verifier="tiny")
+
+
+def _targets(tmp_path):
+    refs = tmp_path / "refs" / "fish"
+    refs.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    targets = [{"id": "fish", "target": "a goldfish", "references": "refs/fish", "verifier_class": 3},
+               {"id": "star", "prompt": "Which shape is it?", "target": "a red star"}]
+    path = tmp_path / "targets.yaml"
+    path.write_text(yaml.safe_dump(targets))
+    return path
+
+
+def _trainer(tmp_path, **kwargs):
+    return L.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path / "runs"), name="mimic"),
+                     callbacks=[MimicImageWriter()], enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def mimic_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mimic")
+    data = ConceptDataModule(format="file", targets_file=str(_targets(tmp_path)), batch_size=2)
+    model = MimicModule(cache_dir=str(tmp_path / "cache"), lpips_diversity=True, lpips_pretrained_backbone=False, **FAST)
+    trainer = _trainer(tmp_path)
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    return tmp_path, model, data, trainer, metrics
+
+
+def test_every_image_is_written_once_as_the_synthesis_gives_it(mimic_run):
+    tmp_path, model, data, trainer, _ = mimic_run
+    folder = Path(trainer.log_dir) / "predictions" / "mimic"
+    assert sorted(p.name for p in folder.iterdir()) == ["fish_0.png", "fish_1.png", "star_0.png", "star_1.png"]
+    model._logged = model.hparams.log_targets  # no more TensorBoard pictures from this call
+    again = model.synthesize_target(data.dataset[0])  # seeded by the target id: the same images again
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(folder / f"fish_{k}.png")), again["images"][k].permute(1, 2, 0).numpy())
+    assert list((tmp_path / "cache").glob("featstats-*.pt"))  # the fish's references were cached
+
+
+def test_logged_metrics_are_those_of_the_written_answers(mimic_run):
+    _, _, data, trainer, metrics = mimic_run
+    payload = json.loads((Path(trainer.log_dir) / "predictions" / f"mimic_{data.evaluation_split}.json").read_text())
+    records = {r["target_id"]: r for r in payload["targets"]}
+    assert sorted(records) == ["fish", "star"] and metrics["test/targets"] == 2 and metrics["test/syntheses"] == 2
+    want_em = np.mean([np.mean([exact_match(a, r["target"]) for a in r["answers"]]) for r in records.values()])
+    want_f1 = np.mean([np.mean([token_f1(a, r["target"]) for a in r["answers"]]) for r in records.values()])
+    assert metrics["test/exact_match"] == pytest.approx(want_em) and metrics["test/token_f1"] == pytest.approx(want_f1)
+    assert all(len(r["answers"]) == 2 for r in records.values())
+    assert metrics["test/verifier_acc1"] == pytest.approx(records["fish"]["verifier_acc1"])  # star has no class
+    assert "verifier_acc1" not in records["star"] and "base" not in records["star"]["final_losses"]
+    assert "base" in records["fish"]["final_losses"]
+    for name in ("clip_score", "lpips_diversity", "sce_first", "sce_last"):
+        assert metrics[f"test/{name}"] == pytest.approx(np.mean([r[name] for r in records.values()]), rel=1e-6)
+    assert metrics["test/lpips_diversity"] > 0
+
+
+def test_tensorboard_gets_image_grids_and_loss_curves(mimic_run):
+    _, _, _, trainer, _ = mimic_run
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("mimic/fish")] == [0, 2]
+    assert [e.step for e in events.Scalars("mimic/fish/sce")] == [0, 2]
+
+
+def test_bf16_autocast_runs_with_float32_losses(tmp_path):
+    data = ConceptDataModule(format="file", targets_file=str(_targets(tmp_path)), limit=1)
+    model = MimicModule(cache_dir=None, clip=None, **{**FAST, "samples_per_target": 1})
+    metrics = _trainer(tmp_path, precision="bf16-mixed").test(model, datamodule=data, verbose=False)[0]
+    assert math.isfinite(metrics["test/sce_last"]) and metrics["test/targets"] == 1
+    assert math.isnan(metrics["test/clip_score"])
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    data = ConceptDataModule(format="file", targets_file=str(_targets(tmp_path)), limit=1)
+    results = []
+    for checkpointing in (False, True):
+        model = MimicModule(cache_dir=None, clip=None, gradient_checkpointing=checkpointing, **{**FAST, "samples_per_target": 1})
+        results.append(_trainer(tmp_path / str(checkpointing)).test(model, datamodule=data, verbose=False)[0])
+    assert results[1]["test/sce_last"] == pytest.approx(results[0]["test/sce_last"], rel=1e-5)
+    assert results[1]["test/sce_first"] == pytest.approx(results[0]["test/sce_first"], rel=1e-6)
+
+
+def test_a_reference_folder_without_images_names_the_target(tmp_path):
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump([{"id": "cat", "target": "a cat", "references": "empty"}]))
+    data = ConceptDataModule(format="file", targets_file=str(path))
+    model = MimicModule(cache_dir=None, clip=None, iterations=1)
+    with pytest.raises(ValueError, match=rf"^target 'cat': reference-image folder {tmp_path}/empty holds no image"):
+        _trainer(tmp_path).test(model, datamodule=data, verbose=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vlm_dtype": "int8"}, r"^model.vlm_dtype must be one of float32, bfloat16, float16, got 'int8'$"),
+    ({"lpips_diversity": True}, r"^model.lpips_diversity needs model.samples_per_target >= 2 \(the distance between "
+                                r"samples of one target\), got 1$"),
+    ({"main_weight": -1.0}, r"^weight sce must be a finite number >= 0, got -1.0$"),
+    ({"iterations": 0}, r"^iterations must be an integer >= 0"),
+])
+def test_bad_settings_are_named(kwargs, message):
+    if kwargs.get("iterations") == 0:  # zero iterations are allowed (the random start): check a negative count
+        kwargs = {"iterations": -1}
+    with pytest.raises(ValueError, match=message):
+        MimicModule(**kwargs)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_targets_and_write_every_image_once(synthetic_root, tmp_path):
+    """3 synthetic concepts over 2 spawned processes (gloo): the same images and metrics as 1 process, each PNG
+    once, every target synthesized once (test/syntheses)."""
+    outputs = {}
+    for devices in (1, 2):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs" / "mimic" / "synthetic.yaml"),
+             "--data.init_args.synthetic_root", str(synthetic_root), "--model.init_args.iterations", "3",
+             "--model.init_args.cache_dir", str(tmp_path / "cache"),
+             "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
+             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+             "--trainer.strategy", "ddp_spawn" if devices > 1 else "auto"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        outputs[devices] = json.loads(result.stdout.strip().splitlines()[-1])
+    one, two = outputs[1], outputs[2]
+    assert one["targets"] == two["targets"] == 3 and one["syntheses"] == two["syntheses"] == 3
+    for name in ("exact_match", "token_f1", "clip_score", "verifier_acc1", "sce_first", "sce_last"):
+        assert two[name] == pytest.approx(one[name], abs=1e-4), name
+    # under ddp_spawn the workers' logger made version_0 and the main process reports a version of its own: look
+    # for the one predictions folder
+    folders = {d: next((tmp_path / f"d{d}" / "mimic_synthetic").glob("version_*/predictions/mimic")) for d in outputs}
+    names = sorted(p.name for p in folders[1].iterdir())
+    assert len(names) == 6 and sorted(p.name for p in folders[2].iterdir()) == names
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(folders[1] / name)), np.asarray(Image.open(folders[2] / name)))
