@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from grounding.models.clip import build_clip
 from grounding.models.maskinversion import MaskInversion, soft_dice_loss

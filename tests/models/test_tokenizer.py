@@ -1,5 +1,3 @@
-import pytest
-
 from grounding.models.tokenizer import BERT_SPECIAL_IDS, build_wordpiece_tokenizer, wordpiece_vocabulary
 
 
