@@ -231,14 +231,16 @@ def test_ensembles_of_a_trained_model_match_direct_evaluation(models, synthetic_
 
 @pytest.mark.slow
 def test_init_is_the_module_built_from_the_evaluation_arguments(models, synthetic_root, tmp_path):
-    """``--zero-shot init`` with ``--seed_everything 1`` is the untrained module of seed 1 built directly."""
+    """``--zero-shot init`` with ``--seed_everything 1`` is the untrained module of seed 1 built directly, with
+    the evaluation arguments' settings (here its denoising label table)."""
     from grounding.lightning.image_module import ImageGroundingModule
+    from grounding.models.denoising import DenoisingConfig
 
     folder, finetuned, zero_shot = models
     torch.manual_seed(1)
-    direct = ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG).state_dict()
+    direct = ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=7)).state_dict()
     calls = []
-    args = [*_args(synthetic_root, tmp_path / "x"), "--seed_everything", "1"]
+    args = [*_args(synthetic_root, tmp_path / "x"), "--seed_everything", "1", "--model.denoising.number", "7"]
     we.run(finetuned, "init", [0.0], tmp_path / "out", [we.Benchmark("val", args)], evaluate=lambda a: calls.append(a) or {})
     written = torch.load(tmp_path / "out" / "alpha_0.ckpt", weights_only=False)["state_dict"]
     assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)

@@ -1,9 +1,12 @@
-"""Writing predicted label maps as palette PNGs, the format of the datasets' own ground truth (VOC).
+"""Writing predictions as PNGs: label maps as palette PNGs (the format of the datasets' own ground truth, VOC)
+and synthesized images as RGB PNGs.
 
-``write_label_png`` writes one (H, W) label map as a 'P'-mode PNG, atomically (a temporary file beside
-it, renamed over it). ``LabelMapWriter`` is a callback that writes what a LightningModule's
-``test_step`` / ``predict_step`` returns, ``{"image_ids": [id, ...], "label_maps": [(H, W) long, ...]}``,
-to ``<out_dir>/<image_id>.png``.
+``write_label_png`` writes one (H, W) label map as a 'P'-mode PNG and ``write_rgb_png`` one (3, H, W) uint8
+image, each atomically (a temporary file beside it, renamed over it). ``PredictionPngWriter`` is the callback
+that writes what a LightningModule's ``test_step`` / ``predict_step`` returns, ``{"image_ids": [id, ...],
+<key>: [item, ...]}``, to ``<out_dir>/<image_id>.png``, each id once: ``LabelMapWriter`` (key ``label_maps``,
+default folder ``predictions/labels``) and ``RGBImageWriter`` (key ``images``, default folder
+``predictions/<folder_name>``).
 """
 
 from __future__ import annotations
@@ -60,51 +63,101 @@ def _checked_id(image_id: Any) -> str:
     return name
 
 
-class LabelMapWriter(Callback):
-    """Writes the label maps of ``test_step`` and ``predict_step`` outputs to ``<out_dir>/<image_id>.png``.
+def write_rgb_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
+    """Write ``image`` (3, H, W) uint8 as an RGB PNG at ``path``, atomically."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim != 3 or array.shape[0] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"image for {path} must be (3, H, W) uint8; got {array.shape} {array.dtype}")
+    picture = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+    write_atomic(path, lambda temporary: picture.save(temporary, format="PNG"))
 
-    out_dir: default ``<trainer.log_dir>/predictions/labels``.
-    palette: (N, 3) uint8; default the datamodule's ``palette`` when it has one, else the VOC palette.
-    Each image is written once per run and process (an id met again, e.g. an image a distributed sampler
-    repeats to pad a batch, is not rewritten); processes writing the same id both write complete files
-    (atomic renames), so the survivor is whole.
+
+class PredictionPngWriter(Callback):
+    """Writes the items under ``key`` of ``test_step`` / ``predict_step`` outputs to ``<out_dir>/<image_id>.png``.
+
+    out_dir: default ``<trainer.log_dir>/predictions/<folder_name>``. Each image is written once per run and
+    process (an id met again, e.g. an image a distributed sampler repeats to pad a batch, is not rewritten);
+    processes writing the same id both write complete files (atomic renames), so the survivor is whole.
+    Subclasses set ``key`` and ``folder_name`` and write one item in ``write_item``.
     """
 
-    def __init__(self, out_dir: str | None = None, palette: torch.Tensor | None = None):
+    key = ""
+    folder_name = ""
+
+    def __init__(self, out_dir: str | None = None):
         self.out_dir = out_dir
-        self.palette = palette
-        self._folder: Path | None = None  # the resolved folder and palette of the current run
-        self._colours: torch.Tensor | None = None
+        self._folder: Path | None = None  # the resolved folder of the current run
         self._written: set[str] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         root = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank makes it
-        self._folder = Path(self.out_dir) if self.out_dir is not None else Path(root) / "predictions" / "labels"
-        colours = self.palette if self.palette is not None else getattr(getattr(trainer, "datamodule", None), "palette", None)
-        self._colours = torch.as_tensor(colours if colours is not None else _voc_palette(256), dtype=torch.uint8)
+        self._folder = Path(self.out_dir) if self.out_dir is not None else Path(root) / "predictions" / self.folder_name
         self._written = set()
 
+    def write_item(self, path: Path, item: Any) -> None:
+        raise NotImplementedError
+
     def write(self, outputs: Any) -> None:
-        """Write ``outputs["label_maps"]`` under ``outputs["image_ids"]`` (see the class docstring)."""
-        if not isinstance(outputs, dict) or "image_ids" not in outputs or "label_maps" not in outputs:
+        """Write ``outputs[key]`` under ``outputs["image_ids"]`` (see the class docstring)."""
+        name = type(self).__name__
+        if not isinstance(outputs, dict) or "image_ids" not in outputs or self.key not in outputs:
             raise ValueError(
-                "LabelMapWriter needs test_step / predict_step to return a dict with 'image_ids' and 'label_maps';"
+                f"{name} needs test_step / predict_step to return a dict with 'image_ids' and '{self.key}';"
                 f" got {type(outputs).__name__}" + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
             )
-        image_ids, label_maps = list(outputs["image_ids"]), list(outputs["label_maps"])
-        if len(image_ids) != len(label_maps):
-            raise ValueError(f"LabelMapWriter: {len(image_ids)} image ids for {len(label_maps)} label maps")
+        image_ids, items = list(outputs["image_ids"]), list(outputs[self.key])
+        if len(image_ids) != len(items):
+            raise ValueError(f"{name}: {len(image_ids)} image ids for {len(items)} {self.key.replace('_', ' ')}")
         if self._folder is None:
-            raise RuntimeError("LabelMapWriter.write was called before the trainer set it up")
-        for image_id, labels in zip(image_ids, label_maps):
-            name = _checked_id(image_id)
-            if name in self._written:
+            raise RuntimeError(f"{name}.write was called before the trainer set it up")
+        for image_id, item in zip(image_ids, items):
+            file_name = _checked_id(image_id)
+            if file_name in self._written:
                 continue
-            write_label_png(self._folder / f"{name}.png", labels, self._colours)
-            self._written.add(name)
+            self.write_item(self._folder / f"{file_name}.png", item)
+            self._written.add(file_name)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.write(outputs)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.write(outputs)
+
+
+class LabelMapWriter(PredictionPngWriter):
+    """Writes the label maps of ``test_step`` and ``predict_step`` outputs (``label_maps``: (H, W) long each) as
+    palette PNGs to ``<out_dir>/<image_id>.png``.
+
+    out_dir: default ``<trainer.log_dir>/predictions/labels``.
+    palette: (N, 3) uint8; default the datamodule's ``palette`` when it has one, else the VOC palette.
+    """
+
+    key = "label_maps"
+    folder_name = "labels"
+
+    def __init__(self, out_dir: str | None = None, palette: torch.Tensor | None = None):
+        super().__init__(out_dir)
+        self.palette = palette
+        self._colours: torch.Tensor | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        colours = self.palette if self.palette is not None else getattr(getattr(trainer, "datamodule", None), "palette", None)
+        self._colours = torch.as_tensor(colours if colours is not None else _voc_palette(256), dtype=torch.uint8)
+
+    def write_item(self, path: Path, item: Any) -> None:
+        write_label_png(path, item, self._colours)
+
+
+class RGBImageWriter(PredictionPngWriter):
+    """Writes the images of ``test_step`` and ``predict_step`` outputs (``images``: (3, H, W) uint8 each) as RGB
+    PNGs to ``<out_dir>/<image_id>.png``; out_dir: default ``<trainer.log_dir>/predictions/<folder_name>``."""
+
+    key = "images"
+
+    def __init__(self, out_dir: str | None = None, folder_name: str = "images"):
+        super().__init__(out_dir)
+        self.folder_name = _checked_id(folder_name)
+
+    def write_item(self, path: Path, item: Any) -> None:
+        write_rgb_png(path, item)

@@ -20,7 +20,7 @@ Metrics (every target counted once, gathered across processes with ``all_gather_
 
 The final loss terms of each target go to the progress bar (``mimic/<term>``); TensorBoard gets, for the first
 ``log_targets`` targets of the main process, the image grid and the loss terms every ``log_every`` iterations.
-``test_step`` returns ``{"image_ids", "images"}`` that ``MimicImageWriter`` writes as RGB PNGs
+``test_step`` returns ``{"image_ids", "images"}`` that the shared ``RGBImageWriter`` writes as RGB PNGs
 (``<run>/predictions/mimic/<id>.png``, ``<id>_<k>.png`` for several samples), atomically, each once; the answers
 and per-target scores go to ``<run>/predictions/mimic_<split>.json``.
 """
@@ -37,10 +37,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from PIL import Image
 
-from grounding.lightning.label_writer import _checked_id
 from grounding.models.mimic import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -72,15 +69,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 METRICS = ("exact_match", "token_f1", "clip_score", "verifier_acc1", "lpips_diversity", "sce_first", "sce_last")
 
 
-def write_rgb_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
-    """Write ``image`` (3, H, W) uint8 as an RGB PNG at ``path``, atomically (``grounding.utils.write_atomic``)."""
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.ndim != 3 or array.shape[0] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"image for {path} must be (3, H, W) uint8; got {array.shape} {array.dtype}")
-    picture = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
-    write_atomic(path, lambda temporary: picture.save(temporary, format="PNG"))
-
-
 def _plain(value: Any) -> Any:
     """``value`` with NaN floats as None (strict JSON)."""
     if isinstance(value, dict):
@@ -88,41 +76,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return None if isinstance(value, float) and math.isnan(value) else value
-
-
-class MimicImageWriter(Callback):
-    """Writes the images of ``test_step`` / ``predict_step`` outputs ``{"image_ids": [...], "images": [(3, H, W)
-    uint8, ...]}`` to ``<out_dir>/<image_id>.png`` (default ``<trainer.log_dir>/predictions/mimic``), atomically,
-    each id once per run and process (``ConceptDataModule`` gives every target to one process only)."""
-
-    def __init__(self, out_dir: str | None = None):
-        self.out_dir = out_dir
-        self._folder: Path | None = None
-        self._written: set[str] = set()
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        root = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank makes it
-        self._folder = Path(self.out_dir) if self.out_dir is not None else Path(root) / "predictions" / "mimic"
-        self._written = set()
-
-    def write(self, outputs: Any) -> None:
-        if not isinstance(outputs, dict) or "image_ids" not in outputs or "images" not in outputs:
-            raise ValueError("MimicImageWriter needs test_step / predict_step to return a dict with 'image_ids' and 'images';"
-                             f" got {type(outputs).__name__}")
-        if self._folder is None:
-            raise RuntimeError("MimicImageWriter.write was called before the trainer set it up")
-        for image_id, image in zip(outputs["image_ids"], outputs["images"], strict=True):
-            name = _checked_id(image_id)
-            if name in self._written:
-                continue
-            write_rgb_png(self._folder / f"{name}.png", image)
-            self._written.add(name)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.write(outputs)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.write(outputs)
 
 
 class MimicModule(L.LightningModule):

@@ -1,4 +1,4 @@
-"""Label-map PNGs: values and palette read back, atomic writes, and the callback under a CPU Trainer."""
+"""Label-map and RGB PNGs: values and palette read back, atomic writes, and the callbacks under a CPU Trainer."""
 
 import os
 import re
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from grounding.lightning import label_writer
-from grounding.lightning.label_writer import LabelMapWriter, write_label_png
+from grounding.lightning.label_writer import LabelMapWriter, RGBImageWriter, write_label_png, write_rgb_png
 from grounding.visualize import _voc_palette
 
 
@@ -113,3 +113,29 @@ def test_writer_out_dir_and_bad_outputs(tmp_path):
     writer._folder = tmp_path
     with pytest.raises(ValueError, match=re.escape("image id '../up' cannot be a file name")):
         writer.write({"image_ids": ["../up"], "label_maps": [MAPS["42"]]})
+
+
+# ------------------------------------------------------------------------------------- RGB images
+IMAGES = {"a": torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8), "b": torch.randint(0, 256, (3, 2, 2), dtype=torch.uint8)}
+
+
+class TinySynthesizer(TinySegmenter):
+    def test_step(self, batch, batch_idx):
+        return {"image_ids": list(batch), "images": [IMAGES[i] for i in batch]}
+
+
+def test_rgb_writer_writes_each_image_once_in_its_folder_and_reads_back(tmp_path, monkeypatch):
+    written = []
+    original = label_writer.write_rgb_png
+    monkeypatch.setattr(label_writer, "write_rgb_png", lambda path, image: (written.append(path.name), original(path, image)))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[RGBImageWriter(folder_name="mimic")],
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(TinySynthesizer(), dataloaders=torch.utils.data.DataLoader(["a", "b", "a"], batch_size=2, collate_fn=list))
+    assert sorted(written) == ["a.png", "b.png"]
+    for image_id, image in IMAGES.items():
+        with Image.open(tmp_path / "predictions" / "mimic" / f"{image_id}.png") as picture:
+            assert picture.mode == "RGB" and np.array_equal(np.asarray(picture).transpose(2, 0, 1), image.numpy())
+    with pytest.raises(ValueError, match=re.escape("image for x.png must be (3, H, W) uint8; got (4, 4) uint8")):
+        write_rgb_png("x.png", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=re.escape("image id '../up' cannot be a file name")):
+        RGBImageWriter(folder_name="../up")

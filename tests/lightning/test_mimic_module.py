@@ -15,7 +15,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from grounding.data.concepts import ConceptDataModule
-from grounding.lightning.mimic_module import MimicImageWriter, MimicModule
+from grounding.lightning.label_writer import RGBImageWriter
+from grounding.lightning.mimic_module import MimicModule
 from grounding.models.mimic import exact_match, token_f1
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def _targets(tmp_path):
 
 def _trainer(tmp_path, **kwargs):
     return L.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path / "runs"), name="mimic"),
-                     callbacks=[MimicImageWriter()], enable_progress_bar=False, enable_model_summary=False, **kwargs)
+                     callbacks=[RGBImageWriter(folder_name="mimic")], enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
