@@ -14,6 +14,7 @@ from grounding.data.coco import collate_detection
 from grounding.data.datamodule import CocoDetectionDataModule
 from grounding.lightning.image_module import ImageGroundingModule
 from grounding.models.adaptive_masking import MaskingConfig
+from grounding.models.denoising import DenoisingConfig
 from grounding.models.grounding_dino import feature_masking
 
 from ..conftest import TEST_MODEL_CONFIG
@@ -146,8 +147,9 @@ def test_exported_predictions_give_the_logged_ap(trained, synthetic_root):
 
 
 def test_bf16_mixed_precision_trains_through_the_trainer(synthetic_root):
-    module = make_module("rf_gam")
-    before = {n: p.detach().clone() for n, p in module.detector.named_parameters() if p.requires_grad}
+    """Masking and contrastive denoising under bf16 autocast: finite losses, (nearly) every weight moves."""
+    module = make_module("rf_gam", denoising=DenoisingConfig(number=10))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     recorder = LossRecorder()
     trainer = L.Trainer(
         max_steps=2, precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -155,8 +157,8 @@ def test_bf16_mixed_precision_trains_through_the_trainer(synthetic_root):
     )
     trainer.fit(module, datamodule=datamodule(synthetic_root))
     assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
-    changed = [n for n, p in module.detector.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert len(changed) > 0.9 * len(before)
+    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) > 0.9 * len(before) and "denoising.label_embedding.weight" in changed
     assert set(module.masking.last_masks) == {0, 1, 2, 3}
     # RF-GAM masks are normalized by their maximum: exactly 1 at the peak, also under bf16 autocast
     assert all(m.max() == 1 and m.min() >= 0 for m in module.masking.last_masks.values())
@@ -173,7 +175,7 @@ class LearningRates(L.Callback):
 def test_cosine_schedule_decays_every_group_per_step(synthetic_root):
     import math
 
-    module = make_module("none", lr=1e-3, lr_backbone=1e-4, lr_schedule="cosine", lr_min_factor=0.1)
+    module = make_module("none", lr=1e-3, lr_backbone=1e-4, lr_schedule="cosine", lr_min_factor=0.1, denoising=DenoisingConfig(number=5))
     recorder = LearningRates()
     trainer = L.Trainer(
         max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -182,7 +184,7 @@ def test_cosine_schedule_decays_every_group_per_step(synthetic_root):
     trainer.fit(module, datamodule=datamodule(synthetic_root))
     for step, rates in enumerate(recorder.rates):
         factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 3))
-        assert rates == pytest.approx([1e-4 * factor, 1e-3 * factor])  # backbone group, then the rest
+        assert rates == pytest.approx([1e-4 * factor, 1e-3 * factor, 1e-3 * factor])  # backbone, the rest, denoising
 
 
 def test_unknown_or_conflicting_lr_schedule_is_a_clear_error():
