@@ -178,10 +178,25 @@ def print_json(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
 
 
+def fix_logger_versions(trainer: L.Trainer) -> None:
+    """Resolve the loggers' versions before a spawning strategy (``ddp_spawn``) copies them into its workers.
+
+    A TensorBoard logger picks its version (the next free ``version_N``) the first time it is asked. Under
+    ``ddp_spawn`` the workers ask first and write to ``version_N``; the main process, asked afterwards for
+    ``trainer.log_dir``, would see that folder and answer ``version_N+1``, an empty folder. Asking here, in the
+    main process before the spawn, gives the workers and the main process the same version. Launchers that
+    start the script once per process (``ddp``) already agree through rank 0 and are left alone.
+    """
+    if getattr(trainer.strategy, "_start_method", None) in ("spawn", "fork", "forkserver"):
+        for logger in trainer.loggers:
+            _ = logger.version
+
+
 def train(args: list[str] | None = None) -> dict:
     """Fit a method (see the module docstring); returns the printed summary."""
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    fix_logger_versions(trainer)
     if not is_overridden("training_step", model):
         raise SystemExit(f"{type(model).__name__} has no training step (a test-time method): run grounding-eval with this config")
     validates = is_overridden("validation_step", model)
@@ -208,6 +223,7 @@ def evaluate(args: list[str] | None = None) -> dict:
     """``Trainer.test`` of any method on its evaluation split; returns the printed metrics."""
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    fix_logger_versions(trainer)
     with _run():
         metrics = metrics_line("test/", trainer.test(model, datamodule=data, ckpt_path=cli.config.ckpt_path, verbose=False))
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it

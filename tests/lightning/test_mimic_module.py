@@ -151,9 +151,11 @@ def test_two_processes_split_the_targets_and_write_every_image_once(synthetic_ro
     assert one["targets"] == two["targets"] == 3 and one["syntheses"] == two["syntheses"] == 3
     for name in ("exact_match", "token_f1", "clip_score", "verifier_acc1", "sce_first", "sce_last"):
         assert two[name] == pytest.approx(one[name], abs=1e-4), name
-    # under ddp_spawn the workers' logger made version_0 and the main process reports a version of its own: look
-    # for the one predictions folder
-    folders = {d: next((tmp_path / f"d{d}" / "mimic_synthetic").glob("version_*/predictions/mimic")) for d in outputs}
+    # the printed run folder is the one the (spawned) workers wrote to, and the only one
+    for devices, out in outputs.items():
+        assert [p.name for p in (tmp_path / f"d{devices}" / "mimic_synthetic").iterdir()] == ["version_0"]
+        assert Path(out["run_dir"]).resolve() == (tmp_path / f"d{devices}" / "mimic_synthetic" / "version_0").resolve()
+    folders = {d: Path(out["run_dir"]) / "predictions" / "mimic" for d, out in outputs.items()}
     names = sorted(p.name for p in folders[1].iterdir())
     assert len(names) == 6 and sorted(p.name for p in folders[2].iterdir()) == names
     for name in names:
