@@ -377,3 +377,28 @@ def test_gradient_checkpointing_with_the_statistics_hooks_gives_the_same_images(
     assert not checkpointed.model.training and _hooks(checkpointed.model) == 0
     assert torch.allclose(result.normalized, plain.normalized, atol=1e-5)
     assert result.history[-1]["base"] == pytest.approx(plain.history[-1]["base"], rel=1e-5)
+
+
+def test_a_saved_folder_loads_through_the_pretrained_path_to_the_same_model(vlm, tmp_path):
+    """build_vlm(folder): the hub/folder path (config, model class, processor, image token, token count,
+    normalization) on the tiny LLaVA saved with its processor gives the same sequence and logits."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                           image_mean=list(vlm.mean), image_std=list(vlm.std)),
+        tokenizer=vlm.tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    vlm.model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    loaded = build_vlm(str(tmp_path / "llava"))
+    assert (loaded.image_token_id, loaded.num_image_tokens, loaded.image_size, loaded.patch_size) == (
+        vlm.image_token_id, vlm.num_image_tokens, vlm.image_size, vlm.patch_size)
+    assert loaded.mean == pytest.approx(vlm.mean) and loaded.std == pytest.approx(vlm.std)
+    ids, labels = loaded.sequence("What is in the image?", "a red circle")
+    expected_ids, expected_labels = vlm.sequence("What is in the image?", "a red circle")
+    assert torch.equal(ids, expected_ids) and torch.equal(labels, expected_labels)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(vlm_logits(loaded, pixels, ids[None]), vlm_logits(vlm, pixels, ids[None]), atol=1e-5)
