@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grounding.data.coco import IMAGENET_MEAN, IMAGENET_STD  # R_V's CNN input normalization
 from grounding.utils import write_atomic
 
 IGNORE_LABEL = -100
@@ -48,8 +49,6 @@ IGNORE_LABEL = -100
 LLAVA_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 """LLaVA-1.5's conversation format; ``<image>`` is the image placeholder, ``{prompt}`` the question."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 #: the loss terms, in the order they are reported
