@@ -8,7 +8,10 @@ Each method computes the 20-class similarity maps at the input size (``grounding
 the text embeddings computed once beforehand). The methods take turns on every round (gem, plain, maskclip,
 clipsurgery, gem, ...) so that machine noise hits them alike; the figure per method is the median time of a
 round. The paper (one A6000): GEM 37.24 fps vs MaskCLIP 42.43, CLIPSurgery 38.47 — GEM costs ~12 % over a
-plain pass; the target here is GEM >= 0.9x plain CLIP. Ends with one JSON line.
+plain pass; the target here is GEM >= 0.9x plain CLIP. Each method's floating-point operations per image are
+counted too (``torch.utils.flop_counter.FlopCounterMode``, attention run by the math backend so that its
+products are counted): ``flops_plain_over_gem`` is the ratio a compute-bound device can reach at best.
+Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grounding.models.clip import build_clip  # noqa: E402
 from grounding.models.gem import METHODS, similarity_maps  # noqa: E402
+
+
+def flops_per_image(backbone, image: torch.Tensor, text: torch.Tensor, method: str) -> int:
+    """Floating-point operations of one image's similarity maps (a multiply-add counts 2)."""
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        similarity_maps(backbone, image, text, method)
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -64,6 +76,9 @@ def main() -> None:
     figures = {"device": device, "dtype": str(dtype).split(".")[-1], "image_px": size, "batch": batch, "rounds": rounds}
     figures.update({f"images_per_s_{m}": round(v, 3) for m, v in per_second.items()})
     figures["gem_vs_plain"] = round(per_second["gem"] / per_second["plain"], 3)
+    flops = {m: flops_per_image(backbone, images[:1], text, m) for m in order}
+    figures.update({f"gflops_per_image_{m}": round(v / 1e9, 2) for m, v in flops.items()})
+    figures["flops_plain_over_gem"] = round(flops["plain"] / flops["gem"], 3)
     print(json.dumps(figures))
 
 

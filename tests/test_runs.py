@@ -131,13 +131,24 @@ def wait_for_line(process, marker, timeout=300):
     raise AssertionError(f"no line with {marker!r}:\n" + "".join(lines[-30:]))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_writes_last_ckpt_exits_nonzero_and_resuming_equals_the_uninterrupted_run(synthetic_root, tmp_path, signum):
-    common = ["--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "3", "--progress.every_n_steps", "1",
+SIGNAL_RUN = ["--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "3", "--progress.every_n_steps", "1",
               "--progress.mode", "always"]
-    reference = run("train.py", train_args(synthetic_root, tmp_path / "ref", *common), cwd=tmp_path)
-    uninterrupted = summary(reference)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_root, tmp_path_factory):
+    """The run the interrupted and resumed ones are compared with (one for both signals)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    reference = run("train.py", train_args(synthetic_root, folder / "ref", *SIGNAL_RUN), cwd=folder)
     assert "[train] step 1/9 epoch 1/3 loss" in reference.stderr  # plain progress lines in a captured log
+    return summary(reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_writes_last_ckpt_exits_nonzero_and_resuming_equals_the_uninterrupted_run(
+    synthetic_root, tmp_path, signum, uninterrupted
+):
+    common = SIGNAL_RUN
 
     process = start("train.py", train_args(synthetic_root, tmp_path / "cut", *common), cwd=tmp_path)
     wait_for_line(process, "[train] step 4/9")  # in the middle of the second epoch
