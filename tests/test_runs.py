@@ -148,9 +148,7 @@ def uninterrupted(synthetic_root, tmp_path_factory):
 def test_a_signal_writes_last_ckpt_exits_nonzero_and_resuming_equals_the_uninterrupted_run(
     synthetic_root, tmp_path, signum, uninterrupted
 ):
-    common = SIGNAL_RUN
-
-    process = start("train.py", train_args(synthetic_root, tmp_path / "cut", *common), cwd=tmp_path)
+    process = start("train.py", train_args(synthetic_root, tmp_path / "cut", *SIGNAL_RUN), cwd=tmp_path)
     wait_for_line(process, "[train] step 4/9")  # in the middle of the second epoch
     process.send_signal(signum)
     _, rest = process.communicate(timeout=300)
@@ -159,7 +157,7 @@ def test_a_signal_writes_last_ckpt_exits_nonzero_and_resuming_equals_the_uninter
     interrupted_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
     assert 4 <= interrupted_at < 9
 
-    resumed = summary(run("train.py", train_args(synthetic_root, tmp_path / "resumed", *common, "--ckpt_path", str(checkpoint)),
+    resumed = summary(run("train.py", train_args(synthetic_root, tmp_path / "resumed", *SIGNAL_RUN, "--ckpt_path", str(checkpoint)),
                           cwd=tmp_path))
     assert resumed["steps"] == uninterrupted["steps"] == 9
     final = weights(Path(uninterrupted["run_dir"]) / "checkpoints" / "last.ckpt")
