@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from grounding.data.coco import SkipReport
 from grounding.data.evaluation import EvaluationDataModule, RecordDataset
 from grounding.data.images import check_image, image_tensor, read_rgb_image
 from grounding.data.region_readers import _find_image, _read_label_png, read_class_names, read_image_list
+from grounding.utils import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +289,13 @@ def sample_label_points(
     return xy, np.concatenate(kinds)
 
 
-def _write_atomically(path: Path, rows: Iterable[Sequence[object]]) -> None:
+def _write_csv(path: Path, rows: Iterable[Sequence[object]]) -> None:
     # another process (DDP) may write the same file: each writes its own temporary file, then renames
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(rows)
-    os.replace(temporary, path)
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows(rows)
+
+    write_atomic(path, write)
 
 
 def write_synthetic_points(
@@ -330,8 +331,8 @@ def write_synthetic_points(
             label = synthetic_label_name(int(value) - 1)  # label value v is class v - 1: background is no class
             rows += [(png.stem, "synthetic", label, f"{x:.8f}", f"{y:.8f}", "yes" if k else "no") for (x, y), k in zip(xy, kinds)]
     files = PointFiles(out_dir / f"oidv7-{split}-annotations-point-labels.csv", out_dir / "oidv7-class-descriptions.csv", images_dir(root, split))
-    _write_atomically(files.classes_csv, [CLASS_COLUMNS] + [(synthetic_label_name(i), n) for i, n in enumerate(names[1:])])
-    _write_atomically(files.points_csv, rows)
+    _write_csv(files.classes_csv, [CLASS_COLUMNS] + [(synthetic_label_name(i), n) for i, n in enumerate(names[1:])])
+    _write_csv(files.points_csv, rows)
     return files
 
 
