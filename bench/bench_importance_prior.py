@@ -15,7 +15,7 @@ Peak memory is the extra over the memory held after the input was created: on CP
 resident set size (VmHWM, reset through /proc/self/clear_refs; ru_maxrss delta as a fallback),
 on CUDA ``torch.cuda.max_memory_allocated``. MB = 10⁶ bytes.
 
-    python bench/bench_importance_prior.py [--quick]
+    python bench/bench_importance_prior.py [--quick] [--cpu-only | --cuda-only]
 
 Ends with one JSON line of the figures.
 """
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 3, quick 1)")
     parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU settings when CUDA is available")
     parser.add_argument("--worker", choices=["chunked", "pooled"], help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,7 +130,11 @@ def main() -> None:
 
     import torch
 
+    if args.cpu_only and args.cuda_only:
+        parser.error("--cpu-only and --cuda-only exclude each other")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    if args.cuda_only and "cuda" in devices:
+        devices.remove("cpu")
     n = args.height * args.width
     summary = {
         "grid": [args.height, args.width],

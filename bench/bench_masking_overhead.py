@@ -3,6 +3,7 @@
     python bench/bench_masking_overhead.py --quick      # tiny model, 160 px, batch 4 (CPU, < 1 minute)
     python bench/bench_masking_overhead.py              # Swin-T size Grounding DINO (random weights);
                                                         # 800x1333 batch 2 on CUDA, 400x667 batch 1 on CPU
+    (--batch, --steps, --warmup change the batch and the step counts of either setting)
 
 Step time: both variants in one process, steps interleaved (none, rf_gam, none, ...) so that machine
 noise hits both alike; the figure is the ratio of medians. Peak memory: each variant in a fresh
@@ -98,10 +99,16 @@ def peak_memory_mb(s: dict, device: str, variant: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 160 px, batch 4")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 4 quick, 2 CUDA, 1 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 12 quick, 20 CUDA, 4 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 2 quick, 3 CUDA, 1 CPU)")
     parser.add_argument("--memory-of", choices=["none", "rf_gam"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = setting(args.quick, device)
+    s.update({key: getattr(args, key) for key in ("batch", "steps", "warmup") if getattr(args, key) is not None})
+    if s["batch"] < 1 or s["steps"] < 1 or s["warmup"] < 0:
+        parser.error("need --batch >= 1, --steps >= 1 and --warmup >= 0")
     if args.memory_of:
         print(json.dumps({"peak_mb": peak_memory_mb(s, device, args.memory_of)}))
         return
@@ -118,7 +125,7 @@ def main() -> None:
 
     peaks = {}
     for variant in maskers:
-        command = [sys.executable, __file__, "--memory-of", variant] + (["--quick"] if args.quick else [])
+        command = [sys.executable, __file__, "--memory-of", variant, "--batch", str(s["batch"])] + (["--quick"] if args.quick else [])
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         peaks[variant] = json.loads(out)["peak_mb"]
 

@@ -4,6 +4,8 @@ denoising (CDN), at several batch sizes.
     python bench/bench_training_throughput.py --quick   # tiny model, 160 px, batch 4 (CPU, < 1 minute)
     python bench/bench_training_throughput.py           # Swin-T size (random weights): on CUDA 800x1333 bf16,
                                                         # batch 2, 4, 8; on the CPU 400x667, batch 1 and 2
+    (--batches, --steps, --warmup change the batch sizes and step counts; --memory-variants measures the
+    peak memory of only some variants)
 
 Per batch size the four variants (plain, IMAGE, CDN, IMAGE + CDN) run in one process with their steps
 interleaved, so machine noise hits all alike; images/s = batch / median step time (forward, backward,
@@ -89,10 +91,18 @@ def peak_memory_mb(s: dict, batch: int, device: str, variant: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 160 px, batch 4")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: 4 quick, 2 4 8 CUDA, 1 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 5 quick, 10 CUDA, 3 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 1 quick, 3 CUDA, 1 CPU)")
+    parser.add_argument("--memory-variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants whose peak memory is measured (a fresh process each; default: all)")
     parser.add_argument("--memory-of", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = setting(args.quick, device)
+    s.update({key: getattr(args, key) for key in ("batches", "steps", "warmup") if getattr(args, key) is not None})
+    if min(s["batches"]) < 1 or s["steps"] < 1 or s["warmup"] < 0:
+        parser.error("need --batches >= 1, --steps >= 1 and --warmup >= 0")
     if args.memory_of:
         variant, batch = args.memory_of
         print(json.dumps({"peak_mb": peak_memory_mb(s, int(batch), device, variant)}))
@@ -114,9 +124,11 @@ def main() -> None:
                     times[variant].append(elapsed)
         del runner
         for variant, measured in times.items():
+            figures[f"images_per_s_{variant}_b{batch}"] = round(batch / statistics.median(measured), 2)
+            if variant not in args.memory_variants:
+                continue
             command = [sys.executable, __file__, "--memory-of", variant, str(batch)] + (["--quick"] if args.quick else [])
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            figures[f"images_per_s_{variant}_b{batch}"] = round(batch / statistics.median(measured), 2)
             figures[f"peak_mb_{variant}_b{batch}"] = round(json.loads(out)["peak_mb"], 1)
         plain = figures[f"images_per_s_plain_b{batch}"]
         for variant in ("image", "cdn", "image_cdn"):

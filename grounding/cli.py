@@ -18,28 +18,50 @@ atomic checkpoint writes (``grounding.lightning.callbacks``).
 - ``evaluate``: ``Trainer.test`` of any method on its DataModule's evaluation split (``--data.split``),
   prints ``{"split": ..., <metrics>, "run_dir": ...}``. Undefined metrics are printed as ``null``.
 
+The command line as a user meets it:
+
+- stdout holds only that JSON line; everything else (progress bars, model summary, Lightning's messages) goes
+  to stderr.
+- ``--help`` ends with the settings of the config's own model and data classes (the demo config's without
+  ``--config``), their defaults being the config's values.
+- A bad setting is one line on stderr, ``PROG: error: --data.batch_size: expected int, got 'zero'``, and exit
+  status 2: unknown or abbreviated flags (``--trainer.max_step`` is not ``--trainer.max_steps``), values of
+  the wrong type, a value a constructor refuses (its ``ValueError``, or ``OSError`` for a file or hub id it
+  cannot read), a missing or malformed ``--config`` file (checked before lightning is imported: a fraction of
+  a second), ``--optimizer`` / ``--lr_scheduler`` for a module that configures its own optimizers (every
+  module here: they would silently replace its parameter groups and schedule), and a ``--ckpt_path`` that
+  holds another LightningModule class than the config builds. ``JSONARGPARSE_DEBUG=true`` gives the full
+  jsonargparse errors and tracebacks instead.
+- ``grounding-eval`` of a trainable module without ``--ckpt_path`` warns that it scores the weights the
+  module is built with, not trained ones.
+
 A run interrupted by SIGTERM/SIGUSR1 exits with status 128 + signal (143 / 138) after writing last.ckpt.
+
+lightning (about 5-10 s to import) is imported on first need: ``_define_classes`` defines the classes built
+on it (``GroundingCLI``, ``GroundingArgumentParser``) as module globals, also when looked up by name
+(``from grounding.cli import GroundingCLI``, unpickling in a spawned process).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
+import importlib
+import inspect
 import json
 import logging
 import math
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.model_helpers import is_overridden
+import yaml
 
-from grounding.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, TextProgress, interruption_exit_code
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +69,21 @@ log = logging.getLogger(__name__)
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "image/synthetic.yaml"
 
+#: ``ckpt_path`` values that Lightning resolves itself (not files)
+SPECIAL_CHECKPOINTS = ("best", "last", "hpc", "registry")
 
+#: the classes defined by ``_define_classes`` (they need lightning)
+_LAZY_CLASSES = ("GroundingArgumentParser", "GroundingCLI", "_LastValidation")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_CLASSES:
+        _define_classes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------- the command line itself
 def find_config(name: str) -> str:
     """``name`` if it is a file, else the packaged config of that name (with or without "configs/")."""
     path = Path(name)
@@ -57,18 +93,18 @@ def find_config(name: str) -> str:
     for candidate in (CONFIG_ROOT / name, CONFIG_ROOT.joinpath(*parts) if parts else None):
         if candidate is not None and candidate.is_file():
             return str(candidate)
-    return name  # the parser reports the missing file
+    return name  # reported by config_problem
 
 
 def resolve_arguments(args: list[str] | None) -> list[str]:
-    """The command line with every ``--config`` resolved, and the demo config first when none is given."""
+    """The command line with every ``--config`` / ``-c`` resolved, and the demo config first when none is given."""
     args = list(sys.argv[1:] if args is None else args)
     resolved, given = [], False
     index = 0
     while index < len(args):
         arg = args[index]
-        if arg == "--config" and index + 1 < len(args):
-            resolved += ["--config", find_config(args[index + 1])]
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            resolved += [arg, find_config(args[index + 1])]
             given, index = True, index + 2
             continue
         if arg.startswith("--config="):
@@ -80,39 +116,438 @@ def resolve_arguments(args: list[str] | None) -> list[str]:
     return resolved if given else ["--config", str(CONFIG_ROOT / DEFAULT_CONFIG), *resolved]
 
 
-class GroundingCLI(LightningCLI):
-    """LightningCLI with the entry points' own options and the callbacks every run gets."""
+def config_values(args: list[str]) -> list[str]:
+    """The values of every ``--config`` / ``-c`` of a command line, in order."""
+    values = []
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            values.append(args[index + 1])
+        elif arg.startswith("--config="):
+            values.append(arg.split("=", 1)[1])
+    return values
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume (train) or evaluate (eval)")
-        parser.add_argument("--validate_before_fit", type=bool, default=True, help="train: evaluate the untrained model first")
-        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(TextProgress, "progress")
 
-    def instantiate_trainer(self, **kwargs):
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        plugins = trainer_config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):  # atomic writes unless the user chose
-            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
-        callbacks = trainer_config.get("callbacks") or []
-        if trainer_config.get("logger") is False and any(isinstance(c, LearningRateMonitor) for c in callbacks):
-            # Lightning refuses a LearningRateMonitor without a logger; --trainer.logger false means "log nothing"
-            trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-            log.info("--trainer.logger false: the config's LearningRateMonitor is left out")
-        if trainer_config.get("enable_progress_bar") is None:  # a bar only on a terminal; TextProgress otherwise
-            kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
-        return super().instantiate_trainer(**kwargs)
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def config_problem(value: str) -> str | None:
+    """Why ``--config value`` cannot be used, or None: a file that is missing, unreadable, not YAML or not a
+    mapping of settings. A value that is not a file may be a config string (``--config 'trainer: {...}'``)."""
+    path = Path(value)
+    if path.is_dir():
+        return f"--config {value}: a folder, not a config file"
+    if not path.is_file():
+        with contextlib.suppress(yaml.YAMLError):
+            if isinstance(yaml.safe_load(value), dict):
+                return None  # a config given inline
+        return (f"--config {value}: no such file (looked for it as given and among the packaged configs in "
+                f"{CONFIG_ROOT}, e.g. --config {DEFAULT_CONFIG})")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        return f"--config {value}: not valid YAML: {_yaml_reason(error)}"
+    except (OSError, UnicodeDecodeError) as error:
+        return f"--config {value}: cannot be read: {error}"
+    if content is None:
+        return f"--config {value}: the file is empty"
+    if not isinstance(content, dict):
+        return f"--config {value}: expected a mapping of settings (model:, data:, trainer:, ...), got a {type(content).__name__}"
+    return None
+
+
+def _program() -> str:
+    return Path(sys.argv[0]).name or "grounding"
+
+
+def exit_with_error(message: str, prog: str | None = None) -> None:
+    """``PROG: error: MESSAGE`` on stderr, exit status 2 (argparse's convention for a bad command line)."""
+    sys.stderr.write(f"{prog or _program()}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def _debug() -> bool:
+    """jsonargparse's switch for full errors and tracebacks."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true"
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# ------------------------------------------------------------------------------------------ one-line errors
+_NONE_REASON = "Expected a <class 'NoneType'>"
+_SKIPPED_LINES = ("Does not validate against any of the Union subtypes", "Subtypes:", "Given value type:")
+
+
+def _blocks(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """Indented lines as (head, lines under it) pairs, the heads being the least indented lines."""
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return []
+    base = min(len(line) - len(line.lstrip()) for line in lines)
+    blocks: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if len(line) - len(line.lstrip()) == base or not blocks:
+            blocks.append((line.strip(), []))
+        else:
+            blocks[-1][1].append(line)
+    return blocks
+
+
+def _failures(lines: list[str], keys: tuple[str, ...] = (), class_path: str | None = None) -> list[tuple]:
+    """The leaves of a jsonargparse error: (keys, class path, reason, given value), where ``keys`` holds
+    "init_args" where a class was entered."""
+    found: list[tuple] = []
+    given = None
+    for head, body in _blocks(lines):
+        if head.startswith("Given value:"):
+            given = head.split(":", 1)[1].strip()
+    for head, body in _blocks(lines):
+        head = head[2:] if head.startswith("- ") else head
+        key = re.fullmatch(r'Parser key "(.+)":', head)
+        problem = re.fullmatch(r"Problem with given class_path '(.+)':", head)
+        if key:
+            found += _failures(body, keys + (key[1],), class_path) or [(keys + (key[1],), class_path, "invalid value", given)]
+        elif problem:
+            found += _failures(body, keys + ("init_args",), problem[1])
+        elif head == "Errors:":
+            found += [(k, c, r, g or given) for k, c, r, g in _failures(body, keys, class_path)]
+        elif not head.startswith(_SKIPPED_LINES) and not head.startswith("Given value:"):
+            found.append((keys, class_path, " ".join([head, *(line.strip() for line in body)]), given))
+    return found
+
+
+def _flag(keys: tuple[str, ...]) -> str:
+    """The command-line flag of a key path; ``--model.X`` / ``--data.X`` for the method's own classes."""
+    keys = tuple(keys)
+    if keys[:1] in (("model",), ("data",)) and keys[1:2] == ("init_args",):
+        keys = keys[:1] + keys[2:]
+    return "--" + ".".join(keys) if keys else ""
+
+
+def _reason(text: str, given: str | None) -> str:
+    """A jsonargparse reason in plain words."""
+    restricted = re.fullmatch(r"Not of type (\w+): (.*) does not conform to restriction (.*)", text)
+    if restricted:
+        return f"{restricted[2]} is not a {restricted[1]} ({restricted[3]})"
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"Expected a typing\.Literal\[(.*)\]", r"expected one of \1", text)
+    text = re.sub(r"^Expected an? ", "expected ", text)
+    match = re.fullmatch(r"(.*)\. Got value: (.*)", text, flags=re.S)
+    if match:
+        return f"{match[1]}, got {match[2]!r}"
+    if given is not None and text.startswith("expected ") and not given.startswith(("NestedArg(", "{", "Namespace(")):
+        return f"{text}, got {given!r}"
+    return text
+
+
+def _parameters(class_path: str | None) -> list[str]:
+    try:
+        return [name for name in inspect.signature(_import(class_path)).parameters if name not in ("args", "kwargs")]
+    except Exception:  # noqa: BLE001 - suggestions are a courtesy
+        return []
+
+
+def explain_parse_error(message: str, options: Iterable[str] = ()) -> str:
+    """One line for a jsonargparse parse error: the flag of the setting and the reason, without the dump of
+    the Union subtypes tried. ``options``: the parser's flags, for a "did you mean" on an unknown one."""
+    found = _failures(message.splitlines())
+    if not found:
+        return message.strip()
+    failures = [f for f in found if f[2] != _NONE_REASON] or found
+    failures = [f for f in failures if f[1]] or failures  # inside the class the user gave, when there is one
+    keys, class_path = failures[0][0], failures[0][1]
+    reasons, values = [], []
+    for reason in (_reason(r, given) for k, c, r, given in failures if (k, c) == (keys, class_path)):
+        expected = re.fullmatch(r"(expected .*), got (.*)", reason, flags=re.S)
+        if expected:  # the alternatives of a Union: "expected A or B, got X"
+            reason = expected[1] if not reasons else expected[1].removeprefix("expected ")
+            values += [expected[2]] if expected[2] not in values else []
+        if reason not in reasons:
+            reasons.append(reason)
+    if len(values) == 1:
+        reasons[-1] += f", got {values[0]}"
+    unknown = re.fullmatch(r"Option '(.+)' is not accepted", reasons[0])
+    if unknown and class_path:
+        flag = _flag(keys + (unknown[1],))
+        close = difflib.get_close_matches(unknown[1], _parameters(class_path), n=1, cutoff=0.75)
+        hint = f"; did you mean {_flag(keys + (close[0],))}?" if close else ""
+        return f"{flag}: {class_path.rsplit('.', 1)[-1]} has no such setting{hint}"
+    unrecognized = re.fullmatch(r"unrecognized arguments: (\S+).*", reasons[0], flags=re.S)
+    if unrecognized and unrecognized[1].startswith("-"):
+        close = difflib.get_close_matches(unrecognized[1].split("=", 1)[0], list(options), n=1, cutoff=0.75)
+        return reasons[0] + (f" (did you mean {close[0]}?)" if close else "")
+    flag = _flag(keys)
+    return f"{flag}: {' or '.join(reasons)}" if flag else " or ".join(reasons)
+
+
+class _BuildFailure(BaseException):
+    """A constructor's exception on its way out of jsonargparse (which would turn it into a Union error)."""
+
+    def __init__(self, class_type: type, error: Exception):
+        super().__init__(class_type, error)
+        self.class_type, self.error = class_type, error
+
+
+class _ReportingInstantiator:
+    """An instantiator that lets a constructor's exception reach ``GroundingCLI`` as a ``_BuildFailure``."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.links = inner is not None and "applied_instantiation_links" in inspect.signature(inner).parameters
+
+    def __call__(self, class_type: type, *args, applied_instantiation_links: dict | None = None, **kwargs):
+        if self.links:
+            kwargs["applied_instantiation_links"] = applied_instantiation_links or {}
+        try:
+            return self.inner(class_type, *args, **kwargs) if self.inner is not None else class_type(*args, **kwargs)
+        except Exception as error:
+            raise _BuildFailure(class_type, error) from None
+
+
+# ------------------------------------------------------------------------------------ --help: the config's classes
+def config_sections(args: list[str]) -> dict[str, tuple[str, dict, str]]:
+    """``{"model": (class path or name, init args, where from), "data": ...}`` as a command line's configs
+    give them (later ones win) and ``--model CLASS`` / ``--data CLASS`` override them."""
+    options = ("--config", "-c", "--model", "--data", "--model.class_path", "--data.class_path")
+    given, index = [], 0
+    while index < len(args):
+        option, equals, value = args[index].partition("=")
+        if equals and option in options:
+            given.append((option, value))
+        elif args[index] in options and index + 1 < len(args):
+            given.append((args[index], args[index + 1]))
+            index += 1
+        index += 1
+    sections: dict[str, tuple[str, dict, str]] = {}
+    for option, value in given:
+        if option in ("--config", "-c"):
+            try:
+                content = yaml.safe_load(Path(value).read_text() if Path(value).is_file() else value)
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue
+            for key in ("model", "data"):
+                entry = content.get(key) if isinstance(content, dict) else None
+                if isinstance(entry, dict) and entry.get("class_path"):
+                    sections[key] = (entry["class_path"], dict(entry.get("init_args") or {}), value)
+                elif isinstance(entry, dict) and key in sections and isinstance(entry.get("init_args"), dict):
+                    sections[key] = (sections[key][0], {**sections[key][1], **entry["init_args"]}, value)
+        elif not value.startswith("-") and Path(value).suffix.lower() not in (".yaml", ".yml", ".json") \
+                and not value.lstrip().startswith("{"):  # a class (path or name), not a config of the section
+            sections[option[2:].split(".")[0]] = (value, {}, "the command line")
+    return sections
+
+
+def class_help(parser, key: str, class_path: str, init_args: dict, source: str) -> str:
+    """The help of one section's class (what ``--KEY.help CLASS`` prints), defaults set to the config's values."""
+    from jsonargparse import ArgumentParser
+
+    action = next((a for a in parser._actions if a.dest == f"{key}.help"), None)
+    try:
+        if action is not None and hasattr(action, "resolve_help_type"):
+            cls = action.resolve_help_type(class_path, f"--{key}.help")
+        else:
+            cls = _import(class_path)
+        sub = ArgumentParser(prog=parser.prog, usage=argparse.SUPPRESS, add_help=False, exit_on_error=False)
+        sub.add_class_arguments(cls, key, **dict(getattr(action, "sub_add_kwargs", None) or {"fail_untyped": False}))
+    except Exception as error:  # noqa: BLE001 - the rest of the help stands
+        return f"\n--{key} {class_path} (from {source}): its settings cannot be shown: {error}\n"
+    for name, value in init_args.items():
+        with contextlib.suppress(Exception):
+            sub.set_defaults({f"{key}.{name}": value})
+    defaults = "the config's values" if init_args else "the class's own"
+    header = (f"\nThe {key} of this command line: {_class_path(cls)} (from {source}); every setting below is "
+              f"--{key}.NAME VALUE, the defaults shown are {defaults}:\n")
+    return header + sub.format_help()
+
+
+# ---------------------------------------------------------------------------------- checks before building
+def checkpoint_class_path(path: str | Path) -> str | None:
+    """The LightningModule class a Lightning checkpoint was saved from (LightningCLI keeps it in the
+    hyper-parameters as ``_class_path``), or None where the checkpoint does not say or cannot be read here."""
+    import torch
+
+    checkpoint = None
+    for kwargs in ({"mmap": True}, {}):  # mmap: the tensors are not read
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            break
+        except Exception:  # noqa: BLE001 - Lightning reports a checkpoint it cannot load
+            continue
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    class_path = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    return class_path if isinstance(class_path, str) else None
+
+
+def _same_class(class_path: str, cls: type) -> bool:
+    if class_path == _class_path(cls):
+        return True
+    try:
+        return _import(class_path) is cls
+    except Exception:  # noqa: BLE001 - moved or renamed since: compare the names
+        return class_path.rsplit(".", 1)[-1] == cls.__name__
+
+
+def checkpoint_problem(ckpt_path: str | None, cls: type) -> str | None:
+    """Why ``--ckpt_path`` does not fit the LightningModule class ``cls``, or None."""
+    if not ckpt_path or ckpt_path in SPECIAL_CHECKPOINTS or ckpt_path.startswith("registry:") or "://" in ckpt_path:
+        return None
+    if not Path(ckpt_path).is_file():
+        return f"--ckpt_path {ckpt_path}: no such file"
+    held = checkpoint_class_path(ckpt_path)
+    if held is None or _same_class(held, cls):
+        return None
+    return (f"--ckpt_path {ckpt_path} is a checkpoint of {held.rsplit('.', 1)[-1]} ({held}), but the config builds "
+            f"{cls.__name__} ({_class_path(cls)}): give the config it was trained with (RUN/config.yaml)")
+
+
+def optimizer_problem(config, cls: type) -> str | None:
+    """``--optimizer`` / ``--lr_scheduler`` given for a module that configures its own optimizers, or None."""
+    import lightning as L
+
+    given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+    if not given or getattr(cls, "configure_optimizers", None) is L.LightningModule.configure_optimizers:
+        return None
+    return (f"{' / '.join(given)}: {cls.__name__} defines its own optimizer and schedule (configure_optimizers), "
+            f"which {'these' if len(given) > 1 else 'this'} would replace; set them with its --model.* settings "
+            "(--help lists them)")
+
+
+# --------------------------------------------------------------------------------- the lightning-based classes
+def _define_classes() -> None:
+    """Define ``GroundingArgumentParser``, ``GroundingCLI`` and ``_LastValidation`` (module globals)."""
+    global GroundingArgumentParser, GroundingCLI, _LastValidation
+    if "GroundingCLI" in globals():
+        return
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from grounding.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, TextProgress
+
+    class GroundingArgumentParser(LightningArgumentParser):
+        """LightningCLI's parser: one-line errors, and a ``--help`` that ends with the config's classes."""
+
+        #: the main parser's command line (``GroundingCLI.parse_arguments``); None for the parsers jsonargparse
+        #: makes inside (class help, nested classes), which keep jsonargparse's own behaviour
+        command_line: list[str] | None = None
+
+        def error(self, message: str, ex: Exception | None = None):
+            if self.command_line is None or not self.exit_on_error or _debug():
+                super().error(message, ex)
+            exit_with_error(explain_parse_error(message, list(self._option_string_actions)), self.prog)
+
+        def format_help(self, *args, **kwargs) -> str:
+            text = super().format_help(*args, **kwargs)
+            if self.command_line is None:
+                return text
+            sections = config_sections(self.command_line)
+            return text + "".join(class_help(self, key, *sections[key]) for key in ("model", "data") if key in sections)
+
+        def add_instantiator(self, instantiator, class_type, subclasses: bool = True, prepend: bool = False) -> None:
+            super().add_instantiator(_ReportingInstantiator(instantiator), class_type, subclasses=subclasses, prepend=prepend)
+
+    class GroundingCLI(LightningCLI):
+        """LightningCLI with the entry points' own options, the callbacks every run gets and the checks above."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume (train) or evaluate (eval)")
+            parser.add_argument("--validate_before_fit", type=bool, default=True, help="train: evaluate the untrained model first")
+            parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(TextProgress, "progress")
+
+        def parse_arguments(self, parser, args) -> None:
+            parser.command_line = list(sys.argv[1:] if args is None else args)
+            super().parse_arguments(parser, args)
+
+        def before_instantiate_classes(self) -> None:
+            model = self.config.get("model")
+            if model is not None and model.get("class_path"):
+                model_class = _import(model.class_path)
+                problem = optimizer_problem(self.config, model_class) or checkpoint_problem(self.config.get("ckpt_path"), model_class)
+                if problem:
+                    exit_with_error(problem, self.parser.prog)
+            if hasattr(LightningArgumentParser, "add_instantiator"):  # constructor errors of the callbacks too
+                self.parser.add_instantiator(None, L.Callback)
+
+        def instantiate_classes(self) -> None:
+            failure = None
+            with contextlib.redirect_stdout(sys.stderr):
+                try:
+                    super().instantiate_classes()
+                except _BuildFailure as caught:
+                    failure = caught
+            if failure is None:
+                return
+            error, name = failure.error, failure.class_type.__name__
+            if isinstance(error, (ValueError, OSError)) and not _debug():  # a setting the constructor refused, and why
+                section = next((f"--{key} " for key, base in (("model", L.LightningModule), ("data", L.LightningDataModule))
+                                if issubclass(failure.class_type, base)), "")
+                exit_with_error(f"{section}({name}): {error}" if section else f"{name}: {error}", self.parser.prog)
+            raise error
+
+        def instantiate_trainer(self, **kwargs):
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            plugins = trainer_config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):  # atomic writes unless the user chose
+                kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+            callbacks = trainer_config.get("callbacks") or []
+            if trainer_config.get("logger") is False and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+                # Lightning refuses a LearningRateMonitor without a logger; --trainer.logger false means "log nothing"
+                trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+                log.info("--trainer.logger false: the config's LearningRateMonitor is left out")
+            if trainer_config.get("enable_progress_bar") is None:  # a bar only on a terminal; TextProgress otherwise
+                kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError) as error:
+                if _debug():
+                    raise
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            exit_with_error(f"--trainer: {message}", self.parser.prog)
+
+    class _LastValidation(L.Callback):
+        """The metrics of the last validation inside ``fit`` and the step it ran at."""
+
+        def __init__(self):
+            self.step, self.metrics = None, {}
+
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.step = trainer.global_step
+                self.metrics = metrics_line("val/", [{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}])
 
 
 def build_cli(args: list[str] | None = None) -> GroundingCLI:
     """The parsed command line with model, data module and trainer instantiated (nothing run yet).
 
     args: the arguments (default: the command line's). From the command line, ``sys.argv`` itself gets the
-    resolved arguments: Lightning's DDP launcher starts the other processes with it.
+    resolved arguments: Lightning's DDP launcher starts the other processes with it. A bad command line exits
+    with status 2 after one line on stderr (``SystemExit(2)`` in-process).
     """
+    resolved = resolve_arguments(args)
     if args is None:
-        sys.argv[1:] = resolve_arguments(None)
+        sys.argv[1:] = resolved
+    for value in config_values(resolved):  # before lightning is imported: a typo answers at once
+        problem = config_problem(value)
+        if problem:
+            exit_with_error(problem)
+    _define_classes()
+    import lightning as L
+    import torch
+
     # CPU arithmetic on denormal floats (|x| < 1.2e-38, e.g. softmax tails of sharpening attention) can be
     # many times slower; flushing them to zero changes no result that matters (BENCHMARKS.md). GPUs: no effect.
     torch.set_flush_denormal(True)
@@ -122,11 +557,14 @@ def build_cli(args: list[str] | None = None) -> GroundingCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        args=None if args is None else resolve_arguments(args),
+        args=None if args is None else resolved,
+        parser_class=GroundingArgumentParser,
+        parser_kwargs={"allow_abbrev": False},
         save_config_kwargs={"overwrite": True},
     )
 
 
+# ------------------------------------------------------------------------------------------------------ runs
 def metrics_line(prefix: str, metrics: list[dict]) -> dict:
     """The ``split/AP..`` values of a Trainer.validate/test result, as plain floats (None where undefined)."""
     merged = {k: float(v) for result in metrics for k, v in result.items()}
@@ -149,9 +587,15 @@ def finish_distributed(barrier: bool = True) -> None:
 
 @contextlib.contextmanager
 def _run() -> Iterator[None]:
-    """An interrupted run exits non-zero (128 + signal); the process group is always closed."""
+    """An interrupted run exits non-zero (128 + signal); the process group is always closed. Whatever the run
+    prints goes to stderr: stdout is for the summary line alone."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from grounding.lightning.callbacks import interruption_exit_code
+
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     except SIGTERMException:  # Lightning's own stop on SIGTERM is a SystemExit with status 0
         finish_distributed(barrier=False)
         raise SystemExit(interruption_exit_code()) from None
@@ -162,20 +606,8 @@ def _run() -> Iterator[None]:
     finish_distributed()
 
 
-class _LastValidation(L.Callback):
-    """The metrics of the last validation inside ``fit`` and the step it ran at."""
-
-    def __init__(self):
-        self.step, self.metrics = None, {}
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.step = trainer.global_step
-            self.metrics = metrics_line("val/", [{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}])
-
-
-def print_json(payload: dict) -> None:
-    print(json.dumps(payload), flush=True)
+def print_json(payload: dict, file=None) -> None:
+    print(json.dumps(payload), file=file or sys.stdout, flush=True)
 
 
 def fix_logger_versions(trainer: L.Trainer) -> None:
@@ -194,12 +626,15 @@ def fix_logger_versions(trainer: L.Trainer) -> None:
 
 def train(args: list[str] | None = None) -> dict:
     """Fit a method (see the module docstring); returns the printed summary."""
-    cli = build_cli(args)
+    cli = build_cli(args)  # first: a bad command line is reported before lightning is imported
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     fix_logger_versions(trainer)
     if not is_overridden("training_step", model):
         raise SystemExit(f"{type(model).__name__} has no training step (a test-time method): run grounding-eval with this config")
     validates = is_overridden("validation_step", model)
+    stdout = sys.stdout
     with _run():
         before = {}
         if validates and cli.config.validate_before_fit and cli.config.ckpt_path is None:
@@ -215,21 +650,27 @@ def train(args: list[str] | None = None) -> dict:
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         summary = {"untrained": before, "trained": after, "run_dir": run_dir, "steps": trainer.global_step}
         if trainer.is_global_zero:
-            print_json(summary)
+            print_json(summary, stdout)
     return summary
 
 
 def evaluate(args: list[str] | None = None) -> dict:
     """``Trainer.test`` of any method on its evaluation split; returns the printed metrics."""
-    cli = build_cli(args)
+    cli = build_cli(args)  # first: a bad command line is reported before lightning is imported
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     fix_logger_versions(trainer)
+    if cli.config.ckpt_path is None and is_overridden("training_step", model) and trainer.is_global_zero:
+        log.warning(f"no --ckpt_path: {type(model).__name__} is trainable, and is scored with the weights it is "
+                    "built with (random or pretrained), not trained ones")
+    stdout = sys.stdout
     with _run():
         metrics = metrics_line("test/", trainer.test(model, datamodule=data, ckpt_path=cli.config.ckpt_path, verbose=False))
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         split = getattr(data, "evaluation_split", None)
         if trainer.is_global_zero:
-            print_json({"split": split, **metrics, "run_dir": run_dir})
+            print_json({"split": split, **metrics, "run_dir": run_dir}, stdout)
     return {"split": split, **metrics, "run_dir": run_dir}
 
 

@@ -26,6 +26,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 from torchvision.utils import draw_bounding_boxes
 
+from grounding.constants import IGNORE_INDEX
+from grounding.data.label_maps import voc_palette
+
 Color = str | tuple[int, int, int]
 
 #: anchor colours of the viridis colormap at 0, 1/4, 1/2, 3/4, 1 (perceptually uniform, colour-blind safe)
@@ -196,19 +199,11 @@ def overlay_heatmap(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5)
 
 @functools.lru_cache(maxsize=8)
 def _voc_palette(size: int) -> torch.Tensor:
-    """(size, 3) uint8 PASCAL VOC palette: bits 0, 1, 2 of the label feed red, green, blue from the top bit down."""
-    palette = torch.zeros(size, 3, dtype=torch.uint8)
-    for label in range(size):
-        value, rgb = label, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[label] = torch.tensor(rgb, dtype=torch.uint8)
-    return palette
+    """(size, 3) uint8 PASCAL VOC palette (``grounding.data.label_maps.voc_palette``) as a tensor."""
+    return torch.from_numpy(voc_palette(size))
 
 
-def colorize_labels(labels: torch.Tensor, num_classes: int | None = None, ignore_index: int = 255) -> torch.Tensor:
+def colorize_labels(labels: torch.Tensor, num_classes: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """A label map (H, W) of ints -> uint8 (3, H, W) in the PASCAL VOC palette, ``ignore_index`` pixels white.
 
     With ``num_classes``, a label outside [0, num_classes) other than ``ignore_index`` raises ValueError."""
@@ -219,7 +214,7 @@ def colorize_labels(labels: torch.Tensor, num_classes: int | None = None, ignore
         raise ValueError(f"labels outside [0, {num_classes}): {valid.min().item()}..{valid.max().item()}")
     size = max(int(valid.max()) + 1 if valid.numel() else 1, num_classes or 0)
     image = _voc_palette(size)[labels.masked_fill(ignored, 0)]
-    image[ignored] = 255
+    image[ignored] = 255  # white
     return image.permute(2, 0, 1).contiguous()
 
 
@@ -278,3 +273,83 @@ def segmentation_panels(image: torch.Tensor, truth: torch.Tensor, prediction: to
         return F.interpolate(colorize_labels(labels)[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
 
     return [large, colored(truth), colored(prediction)]
+
+
+def panel_grid(panels: Sequence[torch.Tensor], titles: Sequence[str] | None = None, columns: int = 4,
+               height: int | None = None, gap: int = 4, nearest: bool | Sequence[bool] = False) -> torch.Tensor:
+    """Panels laid out ``columns`` to a row (``panel_row`` each, all at the same ``height``), the rows stacked
+    with white gaps and padded on the right to the widest -> uint8 (3, H, W). Many panels stay readable this way
+    where one row would be thousands of pixels wide."""
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    panels = [_as_rgb_uint8(panel) for panel in panels]
+    flags = [nearest] * len(panels) if isinstance(nearest, bool) else list(nearest)
+    height = height or max(panel.shape[-2] for panel in panels)
+    rows = []
+    for start in range(0, len(panels), columns):
+        chunk = slice(start, start + columns)
+        rows.append(panel_row(panels[chunk], titles[chunk] if titles else None, height, gap, flags[chunk]))
+    width = max(row.shape[-1] for row in rows)
+    padded = [F.pad(row, (0, width - row.shape[-1]), value=_BACKGROUND) for row in rows]
+    spacer = torch.full((3, gap, width), _BACKGROUND, dtype=torch.uint8)
+    return torch.cat([piece for row in padded for piece in (row, spacer)][:-1], dim=1)
+
+
+def overlay_labels(image: torch.Tensor, labels: torch.Tensor, palette: torch.Tensor | np.ndarray | None = None,
+                   alpha: float = 0.5, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label map (H, W) in ``palette`` (N, 3) (default VOC's) blended over ``image`` (3, H, W) with weight
+    ``alpha``; ``ignore_index`` pixels keep the image's colour -> uint8 (3, H, W)."""
+    image = _as_rgb_uint8(image)
+    labels = labels.detach().long().cpu()
+    if labels.shape != image.shape[-2:]:
+        raise ValueError(f"labels {tuple(labels.shape)} and image {tuple(image.shape[-2:])} differ in size")
+    ignored = labels == ignore_index
+    colours = torch.as_tensor(palette if palette is not None else _voc_palette(256).numpy(), dtype=torch.uint8)
+    valid = labels[~ignored]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= colours.shape[0]):
+        raise ValueError(f"labels outside the palette's 0..{colours.shape[0] - 1}: {int(valid.min())}..{int(valid.max())}")
+    coloured = colours[labels.masked_fill(ignored, 0)].permute(2, 0, 1).float()
+    blended = ((1 - alpha) * image.float() + alpha * coloured).round().clamp(0, 255).to(torch.uint8)
+    return torch.where(ignored[None], image, blended)
+
+
+def legend_panel(names: Sequence[str], colours: torch.Tensor | np.ndarray, font_size: int = 20) -> torch.Tensor:
+    """A legend: one line per class, its colour swatch then its name -> uint8 (3, H, W) on white. ``colours``:
+    (len(names), 3) uint8, the colour of each name."""
+    colours = torch.as_tensor(colours, dtype=torch.uint8)
+    if colours.shape != (len(names), 3):
+        raise ValueError(f"colours must be ({len(names)}, 3), one per name; got {tuple(colours.shape)}")
+    font = _font(font_size)
+    line = _text_height(font) + font_size // 2
+    pad = max(4, font_size // 2)
+    width = 2 * pad + line + pad + max((int(font.getlength(n)) for n in names), default=0)
+    picture = Image.new("RGB", (width, 2 * pad + line * max(1, len(names))), (_BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(picture)
+    for row, (name, colour) in enumerate(zip(names, colours.tolist())):
+        top = pad + row * line
+        draw.rectangle((pad, top + 2, pad + line - 4, top + line - 2), fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((2 * pad + line, top + 2), name, fill=(0, 0, 0), font=font)
+    return _from_pil(picture)
+
+
+def labelled_overlay(image: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                     palette: torch.Tensor | np.ndarray | None = None, min_long_side: int = 512,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label map over the image, enlarged to a readable size, beside a legend of the classes it holds (name
+    per colour) -> uint8 (3, H', W'). ``class_names[v]`` names label value v."""
+    colours = torch.as_tensor(palette if palette is not None else _voc_palette(max(256, len(class_names))).numpy(),
+                              dtype=torch.uint8)
+    overlay = overlay_labels(image, labels, colours, ignore_index=ignore_index)
+    large, _ = upscale(overlay, min_long_side)
+    present = [int(v) for v in torch.unique(labels.cpu()).tolist() if v != ignore_index]
+    names = [class_names[v] if 0 <= v < len(class_names) else str(v) for v in present]
+    legend = legend_panel(names, colours[present] if present else torch.zeros(0, 3, dtype=torch.uint8),
+                          font_size=max(14, round(0.035 * large.shape[-2])))
+    return _beside(large, legend)
+
+
+def _beside(left: torch.Tensor, right: torch.Tensor, gap: int = 4) -> torch.Tensor:
+    """``right`` to the right of ``left`` at its own size, top-aligned, white below it -> uint8 (3, H, W)."""
+    height = max(left.shape[-2], right.shape[-2])
+    pieces = [F.pad(p, (0, 0, 0, height - p.shape[-2]), value=_BACKGROUND) for p in (left, right)]
+    return torch.cat([pieces[0], torch.full((3, height, gap), _BACKGROUND, dtype=torch.uint8), pieces[1]], dim=2)

@@ -55,7 +55,7 @@ def test_train_writes_checkpoints_logs_and_predictions(training_run):
     assert last["global_step"] == summary["steps"]  # the latest weights, whether or not AP improved
     assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) == 1  # and the best one
     # the untrained model's validation, then one per epoch; the last one is the trained model's (no duplicate run)
-    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["val.json", "val_epoch000.json", "val_epoch001.json"]
+    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["val_epoch000.json", "val_epoch001.json", "val_step000000.json"]
     trained = json.loads((run_dir / "predictions" / "val_epoch001.json").read_text())
     assert len(trained) == 5 * 30 * 6 or len(trained) == 5 * 300  # top (query, category) pairs of the 5 val images
     events = EventAccumulator(str(run_dir))
@@ -119,7 +119,7 @@ def maskinversion_args(root, save_dir):
     return [
         "--config", str(REPO / "configs" / "maskinversion" / "synthetic.yaml"),
         "--data.init_args.synthetic_root", str(root), "--model.init_args.image_size", "64",
-        "--model.init_args.backbone_config", json.dumps(MI_BACKBONE), "--model.init_args.iterations", "3",
+        "--model.init_args.backbone_config", json.dumps(MI_BACKBONE), "--model.init_args.inversion.iterations", "3",
         "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
         "--trainer.accelerator", "cpu",
     ]
@@ -202,7 +202,7 @@ def test_invseg_eval_on_two_processes_equals_one(synthetic_root, tmp_path):
         out = run(
             "eval.py", "--config", str(REPO / "configs" / "invseg" / "synthetic.yaml"),
             "--data.init_args.synthetic_root", str(synthetic_root), "--data.init_args.limit", "null",
-            "--model.init_args.image_size", "64", "--model.init_args.resolution", "8", "--model.init_args.steps", "1",
+            "--model.init_args.image_size", "64", "--model.init_args.resolution", "8", "--model.init_args.inversion.steps", "1",
             "--trainer.logger.init_args.save_dir", str(tmp_path / f"is{devices}"), "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},

@@ -170,7 +170,7 @@ def test_a_signal_writes_last_ckpt_exits_nonzero_and_resuming_equals_the_uninter
 def test_a_signal_during_evaluation_exits_nonzero_and_writes_no_predictions(synthetic_root, tmp_path):
     args = [
         "--config", str(REPO / "configs" / "maskinversion" / "synthetic.yaml"), "--data.init_args.synthetic_root", str(synthetic_root),
-        "--model.init_args.image_size", "64", "--model.init_args.iterations", "20", "--trainer.accelerator", "cpu",
+        "--model.init_args.image_size", "64", "--model.init_args.inversion.iterations", "20", "--trainer.accelerator", "cpu",
         "--model.init_args.backbone_config", json.dumps({"vision_config": {"num_hidden_layers": 2, "image_size": 64}}),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--progress.every_n_steps", "1", "--progress.mode", "always",
     ]

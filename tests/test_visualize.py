@@ -216,3 +216,43 @@ def test_segmentation_panels_are_readable_and_keep_the_labels_colours():
     assert truth_panel[:, -1, -1].tolist() == palette[2].tolist() and truth_panel[:, 0, 0].tolist() == palette[3].tolist()
     assert truth_panel[:, scale * 20, scale * 10].tolist() == palette[0].tolist()
     assert (prediction_panel == palette[1][:, None, None]).all()
+
+
+def test_panel_grid_lays_rows_of_columns_and_pads_the_last():
+    from grounding.visualize import panel_grid
+
+    panels = [torch.full((3, 10, 20), v, dtype=torch.uint8) for v in (10, 20, 30, 40, 50)]
+    grid = panel_grid(panels, columns=2, gap=4)
+    assert grid.shape == (3, 3 * 10 + 2 * 4, 2 * 20 + 4)
+    assert int(grid[0, 0, 0]) == 10 and int(grid[0, 0, 24]) == 20 and int(grid[0, 14, 0]) == 30
+    assert int(grid[0, 28, 0]) == 50 and int(grid[0, 28, 30]) == 255  # the last row padded with white
+    with pytest.raises(ValueError, match="columns must be >= 1, got 0"):
+        panel_grid(panels, columns=0)
+
+
+def test_overlay_labels_blends_the_palette_colour_and_keeps_ignored_pixels():
+    from grounding.visualize import overlay_labels
+
+    image = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    labels = torch.tensor([[0, 1], [255, 1]])
+    palette = torch.tensor([[0, 0, 0], [200, 0, 50]], dtype=torch.uint8)
+    out = overlay_labels(image, labels, palette, alpha=0.5)
+    assert out[:, 0, 0].tolist() == [50, 50, 50] and out[:, 0, 1].tolist() == [150, 50, 75]
+    assert out[:, 1, 0].tolist() == [100, 100, 100]
+    with pytest.raises(ValueError, match=r"labels outside the palette's 0..1: 0..2"):
+        overlay_labels(image, torch.tensor([[0, 2], [1, 1]]), palette)
+
+
+def test_labelled_overlay_has_a_legend_row_per_present_class():
+    from grounding.visualize import labelled_overlay
+
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    labels = torch.zeros(40, 40, dtype=torch.long)
+    labels[10:20, 10:20] = 2
+    palette = torch.tensor([[0, 0, 0], [0, 255, 0], [255, 0, 0]], dtype=torch.uint8)
+    out = labelled_overlay(image, labels, ["background", "grass", "car"], palette, min_long_side=100)
+    assert out.shape[-2] >= 100 and out.shape[-1] > 100  # the overlay enlarged to 100 px, the legend beside it
+    legend = out[:, :, 104:]
+    red = (legend[0] == 255) & (legend[1] == 0) & (legend[2] == 0)
+    green = (legend[0] == 0) & (legend[1] == 255) & (legend[2] == 0)
+    assert red.sum() > 20 and green.sum() == 0  # a swatch for "car", none for the absent "grass"

@@ -10,15 +10,16 @@ that stick out of their image are clipped.
 ``CocoDetection`` returns per image ``(image (3, H, W) float normalized, target)`` with target keys
 ``image_id``, ``orig_size`` (h, w), ``size`` (h, w after transforms), ``boxes`` (n, 4) normalized
 (cx, cy, w, h), ``category_ids`` (n,) dataset ids, ``annotation_ids`` (n,), and ``masks`` (n, H, W)
-when ``return_masks``.
+when ``return_masks``. With ``skip_unreadable`` (training) an image that cannot be read gives an
+``UnreadableImage`` instead, which ``collate_detection`` leaves out of the batch and hands on for counting
+(``grounding.data.skips``). The DataModule over it is ``grounding.data.detection.CocoDetectionDataModule``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +31,11 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
 from grounding.data.coco_file import read_coco
-from grounding.data.images import check_image, read_rgb_image
+from grounding.data.images import ImageReadError, check_image, read_rgb_image
 from grounding.data.masks import decode_mask
-
-log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from grounding.data.skips import SkipReport, UnreadableImage
 
 
 @dataclass
@@ -56,24 +54,6 @@ class ImageRecord:
     width: int
     height: int
     annotations: list[Annotation] = field(default_factory=list)
-
-
-@dataclass
-class SkipReport:
-    """What was left out of a dataset and why: counts and the first few ids per reason."""
-
-    source: str
-    counts: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, reason: str, what: str) -> None:
-        self.counts[reason] += 1
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(what)
-
-    def log(self) -> None:
-        for reason, count in sorted(self.counts.items()):
-            log.warning("%s: skipped %d (%s), e.g. %s", self.source, count, reason, "; ".join(self.examples[reason]))
 
 
 INVALID_BOXES = ("skip", "error")
@@ -220,6 +200,9 @@ class CocoDetection(Dataset):
 
     check_images: read every image's header first (size against the file, truncated JPEG/PNG), so that a
         bad file fails now, naming it, instead of when a batch first needs it.
+    skip_unreadable: an image that cannot be read (``ImageReadError``: it does not decode, or its size
+        contradicts the file) gives an ``UnreadableImage`` naming it instead of raising (training, where
+        ``collate_detection`` leaves it out and the DataModule counts it against its limit).
     """
 
     def __init__(
@@ -235,6 +218,7 @@ class CocoDetection(Dataset):
         invalid_boxes: str = "skip",
         check_images: bool = False,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ):
         self.annotation_file = Path(annotation_file)
         records, self.categories, self.skipped = load_coco_detection(
@@ -252,6 +236,7 @@ class CocoDetection(Dataset):
         self.train = train
         self.return_masks = return_masks
         self.seed = seed
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,13 +250,19 @@ class CocoDetection(Dataset):
         """Ids of the annotations kept (crowd ones included: COCOeval ignores detections matched to them)."""
         return {a.id for record in self.records for a in record.annotations}
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        if isinstance(key, tuple):
-            index, epoch = key
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
-                return self._load(index)
-        return self._load(key)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict] | UnreadableImage:
+        index = key[0] if isinstance(key, tuple) else key
+        try:
+            if isinstance(key, tuple):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, key[1], index))
+                    return self._load(index)
+            return self._load(index)
+        except ImageReadError as error:
+            if not self.skip_unreadable:
+                raise
+            record = self.records[index]
+            return UnreadableImage(str(record.path), record.id, str(error))
 
     def _load(self, index: int) -> tuple[torch.Tensor, dict]:
         record = self.records[index]
@@ -308,11 +299,19 @@ class CocoDetection(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
-def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> dict:
+def collate_detection(batch: list[tuple[torch.Tensor, dict] | UnreadableImage]) -> dict:
     """Pad images to the largest height and width of the batch.
 
     Returns ``pixel_values`` (B, 3, H, W), ``pixel_mask`` (B, H, W) long, 1 on real pixels, and ``targets``.
+    ``UnreadableImage`` entries are left out and listed under ``"unreadable"`` (a key present only then); a
+    batch of nothing else is ``{"unreadable": [...]}`` alone.
     """
+    unreadable = [sample for sample in batch if isinstance(sample, UnreadableImage)]
+    if unreadable:
+        batch = [sample for sample in batch if not isinstance(sample, UnreadableImage)]
+        if not batch:
+            return {"unreadable": unreadable}
+        return {**collate_detection(batch), "unreadable": unreadable}
     height = max(image.shape[1] for image, _ in batch)
     width = max(image.shape[2] for image, _ in batch)
     pixel_values = torch.zeros(len(batch), 3, height, width)

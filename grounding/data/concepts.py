@@ -10,26 +10,23 @@ an optional class index of the verifier classifier. ``ConceptDataModule`` serves
 - ``format: synthetic``: one target per category of the project's synthetic dataset (generated on first use):
   target text ``template.format(name)`` ("a red circle"), verifier class = the category's index, references =
   crops of the category's boxes in the split's images, written once under
-  ``<synthetic_root>/mimic_references/<split>/<category>/`` (a folder renamed into place, never rewritten, so
-  the feature-statistics cache keeps hitting).
+  ``<synthetic_root>/mimic_references/<split>/<category>/`` by ``grounding.data.synthetic.write_synthetic_references``
+  (a folder renamed into place, never rewritten, so the feature-statistics cache keeps hitting).
 
 Bad input is an error naming the file and the target id. Under DDP every process gets its own share of the
-targets WITHOUT the distributed sampler's padding, so every target is synthesized (and written) exactly once.
+targets, none repeated (like every evaluation DataModule), so every target is synthesized (and written) once.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
+from typing import Literal
 
-import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from grounding.data.evaluation import EvaluationDataModule, RecordDataset
+from grounding.data.synthetic import category_folder, load_meta, write_synthetic_references
 
 FORMATS = ("file", "synthetic")
 TARGET_KEYS = ("id", "prompt", "target", "references", "verifier_class")
@@ -104,64 +101,15 @@ def read_targets(path: str | Path, default_prompt: str = DEFAULT_PROMPT) -> list
     return parse_targets(data, path, default_prompt)
 
 
-def _slug(name: str) -> str:
-    return "_".join(name.split())
-
-
-def write_synthetic_references(root: str | Path, split: str, per_category: int, size: int) -> Path:
-    """Crops (``size`` px squares, box with a 10 % margin) of up to ``per_category`` annotated objects per category
-    of the synthetic ``split``, under ``<root>/mimic_references/<split>/<category>/``. An existing folder is
-    kept as it is; a new one is written beside it and renamed into place (a concurrent writer's is kept)."""
-    from PIL import Image
-
-    from grounding.data import synthetic as syn
-    from grounding.data.coco_file import read_coco
-
-    out = Path(root) / "mimic_references" / split
-    if out.is_dir():
-        return out
-    coco = read_coco(syn.instances_path(Path(root), split))
-    image_dir = syn.images_dir(Path(root), split)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    counts: dict[int, int] = {}
-    try:
-        for annotation in coco.annotations:
-            category = annotation["category_id"]
-            if counts.get(category, 0) >= per_category or annotation.get("iscrowd", 0):
-                continue
-            entry = coco.images[annotation["image_id"]]
-            x, y, w, h = annotation["bbox"]
-            margin = 0.1 * max(w, h)
-            box = (max(0, x - margin), max(0, y - margin), min(entry["width"], x + w + margin), min(entry["height"], y + h + margin))
-            with Image.open(image_dir / entry["file_name"]) as image:
-                crop = image.convert("RGB").crop(tuple(int(round(v)) for v in box)).resize((size, size), Image.BICUBIC)
-            folder = staging / _slug(coco.categories[category])
-            folder.mkdir(parents=True, exist_ok=True)
-            crop.save(folder / f"{annotation['id']:06d}.png")
-            counts[category] = counts.get(category, 0) + 1
-        for name in coco.categories.values():
-            (staging / _slug(name)).mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(staging, out)
-        except OSError:
-            if not out.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
 def synthetic_targets(root: str | Path, split: str, prompt: str, template: str, per_category: int, size: int) -> list[dict]:
     """One target per synthetic category (index order = the verifier's class index)."""
-    from grounding.data.synthetic import load_meta
-
     names = load_meta(root)["categories"]
     folder = write_synthetic_references(root, split, per_category, size)
     targets = []
     for index, name in enumerate(names):
-        references = folder / _slug(name)
+        references = folder / category_folder(name)
         has_images = references.is_dir() and any(references.iterdir())
-        targets.append({"target_id": _slug(name), "prompt": prompt, "target": template.format(name),
+        targets.append({"target_id": category_folder(name), "prompt": prompt, "target": template.format(name),
                         "references": str(references) if has_images else None, "verifier_class": index})
     return targets
 
@@ -192,7 +140,7 @@ class ConceptDataModule(EvaluationDataModule):
 
     def __init__(
         self,
-        format: str = "synthetic",
+        format: Literal["file", "synthetic"] = "synthetic",
         targets_file: str | None = None,
         prompt: str = DEFAULT_PROMPT,
         template: str = "a {}",
@@ -207,8 +155,7 @@ class ConceptDataModule(EvaluationDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+        self.check_format(format, FORMATS)
         if format == "file" and not targets_file:
             raise ValueError("format 'file' needs targets_file (a JSON or YAML list of targets)")
         if format == "synthetic" and not synthetic_root:
@@ -224,11 +171,9 @@ class ConceptDataModule(EvaluationDataModule):
         self.dataset: ConceptDataset | None = None
 
     def prepare_data(self) -> None:
+        super().prepare_data()
         h = self.hparams
-        if h.format == "synthetic":
-            from grounding.data.synthetic import prepare_synthetic
-
-            prepare_synthetic(h.synthetic_root, h.synthetic)
+        if self.uses_synthetic:
             write_synthetic_references(h.synthetic_root, h.split, h.references_per_concept, h.reference_size)
 
     def setup(self, stage: str | None = None) -> None:
@@ -243,17 +188,3 @@ class ConceptDataModule(EvaluationDataModule):
         if h.limit is not None:
             targets = targets[: h.limit]
         self.dataset = ConceptDataset(targets, [t["target"] for t in targets])
-
-    def _loader(self) -> DataLoader:
-        if self.dataset is None:
-            self.setup()
-        h = self.hparams
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # a DistributedSampler subclass, so Lightning keeps it: each target on one process, no padding repeats
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(self.dataset, num_replicas=torch.distributed.get_world_size(),
-                                                   rank=torch.distributed.get_rank(), shuffle=False)
-        return DataLoader(self.dataset, batch_size=h.batch_size, shuffle=False, sampler=sampler, num_workers=h.num_workers,
-                          collate_fn=self.collate, persistent_workers=h.num_workers > 0)

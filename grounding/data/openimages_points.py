@@ -17,30 +17,26 @@ images without a file (both logged when the DataModule is set up). Broken input 
 line): a missing column, a LabelName that is not in the class descriptions, a coordinate that is not a number
 in [0, 1], an EstimatedYesNo that is none of yes / no / unsure.
 
-``write_synthetic_points`` turns the project's synthetic dataset (``grounding.data.synthetic``) into these
-files, so the pipeline runs offline on data the project generates.
+``grounding.data.synthetic.write_synthetic_points`` turns the project's synthetic dataset into these files,
+so the pipeline runs offline on data the project generates.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
-import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import IO, Iterable
 
 import numpy as np
 import torch
 
-from grounding.data.coco import SkipReport
 from grounding.data.evaluation import EvaluationDataModule, RecordDataset
 from grounding.data.images import check_image, image_tensor, read_rgb_image
-from grounding.data.region_readers import _find_image, _read_label_png, read_class_names, read_image_list
-from grounding.utils import write_atomic
-
-log = logging.getLogger(__name__)
+from grounding.data.label_maps import find_image, read_image_list
+from grounding.data.skips import SkipReport
+from grounding.data.synthetic import PointFiles, points_dir, write_synthetic_points
 
 POINT_COLUMNS = ("ImageId", "Source", "LabelName", "X", "Y", "EstimatedYesNo")
 """The columns a point-labels file must have (in any order, among others)."""
@@ -51,8 +47,13 @@ CLASS_COLUMNS = ("LabelName", "DisplayName")
 POINT_LABELS = {"yes": 1, "no": 0}
 """EstimatedYesNo -> point label (1 positive, 0 negative); "unsure" points are skipped."""
 
-SYNTHETIC_IGNORE = 255
-"""The synthetic label PNGs' ignore band (object borders): no point is sampled there."""
+
+def _open_csv(path: Path, what: str) -> IO[str]:
+    """``path`` opened for the csv module; FileNotFoundError naming ``what`` when it is absent."""
+    try:
+        return open(path, newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
 
 
 # ------------------------------------------------------------------------------------- class descriptions
@@ -66,11 +67,7 @@ def read_class_descriptions(classes_csv: str | Path) -> tuple[list[str], list[st
     labels: list[str] = []
     names: list[str] = []
     seen: dict[str, int] = {}
-    try:
-        handle = open(path, newline="", encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"class descriptions file not found: {path}") from None
-    with handle:
+    with _open_csv(path, "class descriptions file") as handle:
         reader = csv.reader(handle)
         for row in reader:
             if not row or not any(field.strip() for field in row):
@@ -140,11 +137,7 @@ def read_point_labels(
     path = Path(points_csv)
     keep = set(keep) if keep is not None else None
     buffers: dict[str, _PointBuffer] = {}
-    try:
-        handle = open(path, newline="", encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"point labels file not found: {path}") from None
-    with handle:
+    with _open_csv(path, "point labels file") as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
         missing = [name for name in POINT_COLUMNS if name not in header]
@@ -217,7 +210,7 @@ def load_openimages_points(
         if points is None:
             report.add("no point", f"{image_id}: no yes/no point in {points_csv}")
             continue
-        path = _find_image(image_dir, image_id)
+        path = find_image(image_dir, image_id)
         if path is None:
             report.add("missing image", f"{image_id}: no {image_id}.jpg in {image_dir}")
             continue
@@ -254,88 +247,6 @@ class OpenImagesPointsDataset(RecordDataset):
         }
 
 
-# ------------------------------------------------------------------------------------- synthetic data
-@dataclass(frozen=True)
-class PointFiles:
-    """Where ``write_synthetic_points`` put a split: the DataModule's ``points_csv``, ``classes_csv``, ``image_dir``."""
-
-    points_csv: Path
-    classes_csv: Path
-    image_dir: Path
-
-
-def synthetic_label_name(class_index: int) -> str:
-    """The OpenImages-like LabelName of synthetic class ``class_index`` (0-based): "/m/syn0001" for 0."""
-    return f"/m/syn{class_index + 1:04d}"
-
-
-def sample_label_points(
-    labels: np.ndarray, value: int, positives: int, negatives: int, rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized pixel-centre points (N, 2) (x, y) and their labels (N,) int (1 / 0) for class ``value`` of a
-    label map ``labels`` (H, W): up to ``positives`` distinct pixels of that value and up to ``negatives``
-    distinct pixels of another value (never ``SYNTHETIC_IGNORE``, the uncertain border band)."""
-    height, width = labels.shape
-    rows, cols, kinds = [], [], []
-    for kind, where, count in ((1, labels == value, positives), (0, (labels != value) & (labels != SYNTHETIC_IGNORE), negatives)):
-        flat = np.flatnonzero(where)
-        chosen = rng.choice(flat, size=min(count, flat.size), replace=False) if flat.size else flat
-        rows.append(chosen // width)
-        cols.append(chosen % width)
-        kinds.append(np.full(chosen.size, kind))
-    row, col = np.concatenate(rows), np.concatenate(cols)
-    # the pixel centre: X * W then lands inside pixel col, whatever the rounding used downstream
-    xy = np.stack([(col + 0.5) / width, (row + 0.5) / height], axis=1)
-    return xy, np.concatenate(kinds)
-
-
-def _write_csv(path: Path, rows: Iterable[Sequence[object]]) -> None:
-    # another process (DDP) may write the same file: each writes its own temporary file, then renames
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows(rows)
-
-    write_atomic(path, write)
-
-
-def write_synthetic_points(
-    synthetic_root: str | Path, out_dir: str | Path, split: str, positives: int = 3, negatives: int = 3, seed: int = 0,
-) -> PointFiles:
-    """The semantic label PNGs of a synthetic dataset's split as OpenImages V7 point labels.
-
-    Writes ``out_dir/oidv7-class-descriptions.csv`` (the non-background classes of ``semantic/classes.txt``,
-    LabelNames ``synthetic_label_name``) and ``out_dir/oidv7-<split>-annotations-point-labels.csv``: for
-    each image (stem = ImageId) and each class in its label PNG, up to ``positives`` "yes" points on the
-    class's pixels and ``negatives`` "no" points on other classes' or background pixels. Each image's points
-    come from a generator seeded by (seed, stem), so they do not depend on the other images.
-    """
-    from grounding.data.synthetic import images_dir, semantic_dir
-
-    root, out_dir = Path(synthetic_root), Path(out_dir)
-    names = read_class_names(root / "semantic" / "classes.txt")
-    if names[0] != "background":
-        raise ValueError(f"{root / 'semantic' / 'classes.txt'}: the first class must be 'background'; got {names[0]!r}")
-    label_dir = semantic_dir(root, split)
-    pngs = sorted(label_dir.glob("*.png"))
-    if not pngs:
-        raise FileNotFoundError(f"no label PNG in {label_dir} (split {split!r} of the synthetic dataset at {root})")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[Sequence[object]] = [POINT_COLUMNS]
-    for png in pngs:
-        labels = _read_label_png(png)
-        rng = np.random.default_rng([seed, zlib.crc32(png.stem.encode())])
-        for value in np.unique(labels):
-            if value in (0, SYNTHETIC_IGNORE):
-                continue
-            xy, kinds = sample_label_points(labels, int(value), positives, negatives, rng)
-            label = synthetic_label_name(int(value) - 1)  # label value v is class v - 1: background is no class
-            rows += [(png.stem, "synthetic", label, f"{x:.8f}", f"{y:.8f}", "yes" if k else "no") for (x, y), k in zip(xy, kinds)]
-    files = PointFiles(out_dir / f"oidv7-{split}-annotations-point-labels.csv", out_dir / "oidv7-class-descriptions.csv", images_dir(root, split))
-    _write_csv(files.classes_csv, [CLASS_COLUMNS] + [(synthetic_label_name(i), n) for i, n in enumerate(names[1:])])
-    _write_csv(files.points_csv, rows)
-    return files
-
-
 # ------------------------------------------------------------------------------------- DataModule
 class OpenImagesPointsDataModule(EvaluationDataModule):
     """OpenImages V7 point-label batches for zero-shot point prediction: ``test_dataloader`` /
@@ -347,7 +258,7 @@ class OpenImagesPointsDataModule(EvaluationDataModule):
         image_list: optional file of image ids (one a line): only these images, in this order.
         synthetic_root, synthetic: instead of the three files, the project's synthetic dataset at this folder
             (generated if absent with the generator settings ``synthetic``), turned into point labels under
-            ``<synthetic_root>/openimages_points/<split>`` by ``write_synthetic_points``.
+            ``<synthetic_root>/openimages_points/<split>`` by ``grounding.data.synthetic.write_synthetic_points``.
         limit: only the first N images (quick runs).
         check_images: read every image header before use (decodes, not truncated).
         batch_size, num_workers: loaders (batches are lists of samples).
@@ -379,14 +290,16 @@ class OpenImagesPointsDataModule(EvaluationDataModule):
         self.report: SkipReport | None = None
         self.label_names: list[str] | None = None
 
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.hparams.synthetic_root is not None
+
     def _files(self) -> PointFiles:
         h = self.hparams
-        if h.synthetic_root is None:
+        if not self.uses_synthetic:
             return PointFiles(Path(h.points_csv), Path(h.classes_csv), Path(h.image_dir))
-        from grounding.data.synthetic import prepare_synthetic
-
-        prepare_synthetic(h.synthetic_root, h.synthetic)
-        return write_synthetic_points(h.synthetic_root, Path(h.synthetic_root) / "openimages_points" / h.split, h.split)
+        self.prepare_data()
+        return write_synthetic_points(h.synthetic_root, points_dir(h.synthetic_root, h.split), h.split)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

@@ -15,7 +15,8 @@ Readers turn each supported format into ``RegionImageRecord``s (one per image, h
   present (else None), region id = the task id.
 - VOC / Pascal-Context style label PNGs (``load_semantic_regions``): one region per class present in an
   image, mask = ``labels == class`` (255 = ignore, in no mask), class name from ``classes.txt`` (line
-  index = label value), category id = the label value, region id ``"<stem>:<label>"``.
+  index = label value), category id = the label value, region id ``"<stem>:<label>"``. The PNGs, class
+  and image lists are read by ``grounding.data.label_maps``.
 
 Every reader returns ``(records, class_names, SkipReport)``. Broken inputs fail with an error naming the
 file (and the offending id): missing annotation / refs / label / classes files (FileNotFoundError),
@@ -32,25 +33,18 @@ regions". Masks are decoded lazily, in ``RegionDataset.__getitem__``.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from grounding.data.coco import SkipReport
+from grounding.constants import IGNORE_INDEX
 from grounding.data.coco_file import read_coco
 from grounding.data.images import image_sizes
+from grounding.data.label_maps import find_image, label_folder_stems, read_class_names, read_label_png
 from grounding.data.masks import decode_mask, mask_area
-
-log = logging.getLogger(__name__)
-
-IGNORE_LABEL = 255
-"""Label value of pixels that belong to no region (VOC's object borders, unlabelled pixels)."""
-
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+from grounding.data.skips import SkipReport
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -84,7 +78,7 @@ class LabelMask:
         """Bool (height, width) mask."""
         cache = {} if cache is None else cache
         if self.path not in cache:
-            cache[self.path] = _read_label_png(self.path)
+            cache[self.path] = read_label_png(self.path)
         labels = cache[self.path]
         if labels.shape != (height, width):
             raise ValueError(f"label PNG {self.path} is {labels.shape[1]}x{labels.shape[0]} but its image is {width}x{height}")
@@ -340,70 +334,6 @@ def load_phrasecut_regions(
 
 
 # ------------------------------------------------------------------------------------- semantic
-def read_class_names(classes_file: str | Path) -> list[str]:
-    """Class names of a ``classes.txt`` (one per line, line index = label value; trailing blank lines ignored)."""
-    path = Path(classes_file)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"classes file not found: {path}") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"classes file {path} lists no class")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            raise ValueError(f"classes file {path}: line {number} is empty (the line index is the label value)")
-    return [" ".join(line.lower().split()) for line in lines]
-
-
-def _read_label_png(path: Path) -> np.ndarray:
-    """Label values (H, W) of a palette / grey / 16-bit label PNG; an error naming the file otherwise."""
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-            if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-                raise ValueError(f"label PNG {path} has mode {mode!r}; expected a palette ('P') or grey ('L') PNG of class indices")
-            return np.asarray(image).astype(np.int64)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label PNG not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read label PNG {path}: {error}") from error
-
-
-def read_image_list(path: str | Path) -> list[str]:
-    """Image stems of a split list (VOC's ``ImageSets/Segmentation/val.txt``: one stem per line)."""
-    path = Path(path)
-    try:
-        stems = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image list not found: {path}") from None
-    if not stems:
-        raise ValueError(f"image list {path} names no image")
-    return stems
-
-
-def _find_image(image_dir: Path, stem: str) -> Path | None:
-    return next((image_dir / f"{stem}{s}" for s in _IMAGE_SUFFIXES if (image_dir / f"{stem}{s}").is_file()), None)
-
-
-def label_folder_stems(image_dir: str | Path, label_dir: str | Path, image_list: str | Path | None = None) -> list[str]:
-    """The image stems of a folder of images with a folder of label PNGs: those of ``image_list`` (VOC's
-    ImageSets file) when given, else every image and every label PNG found (so that one without the other
-    is reported by the caller, not silently ignored). Errors name a missing folder or an empty label folder."""
-    image_dir, label_dir = Path(image_dir), Path(label_dir)
-    if not label_dir.is_dir():
-        raise FileNotFoundError(f"label folder not found: {label_dir}")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if image_list is not None:
-        return read_image_list(image_list)
-    labels = {p.stem for p in label_dir.glob("*.png")}
-    if not labels:
-        raise ValueError(f"label folder {label_dir} has no PNG")
-    return sorted(labels | {p.stem for p in image_dir.iterdir() if p.suffix in _IMAGE_SUFFIXES})
-
-
 def load_semantic_regions(
     image_dir: str | Path, label_dir: str | Path, classes_file: str | Path, ignore_background: bool = True,
     image_list: str | Path | None = None,
@@ -413,7 +343,7 @@ def load_semantic_regions(
     Which images: the stems of ``image_list`` (VOC's ImageSets file) when given, else every image of
     ``image_dir`` and every PNG of ``label_dir``. Nothing is dropped without a word: an image without its
     label PNG is a counted, logged skip ("missing label PNG"), a label without its image too ("missing image").
-    Label value ``IGNORE_LABEL`` (255) is in no mask; label 0 gives no region when ``ignore_background``.
+    Label value ``IGNORE_INDEX`` (255) is in no mask; label 0 gives no region when ``ignore_background``.
     class_names: the classes file's names, without the first (background) when ``ignore_background``;
     a region's ``category_id`` is its label value either way.
     """
@@ -424,28 +354,28 @@ def load_semantic_regions(
 
     records = []
     for stem in stems:
-        image_path, label_path = _find_image(image_dir, stem), label_dir / f"{stem}.png"
+        image_path, label_path = find_image(image_dir, stem), label_dir / f"{stem}.png"
         if image_path is None:
             report.add("missing image", f"{stem}: no {stem}.jpg/.png in {image_dir}")
             continue
         if not label_path.is_file():
             report.add("missing label PNG", f"{stem}: no {label_path}")
             continue
-        values = _read_label_png(label_path)
+        values = read_label_png(label_path)
         height, width = values.shape
         stored, oriented = image_sizes(image_path)
         if (width, height) not in (stored, oriented):
             raise ValueError(f"label PNG {label_path} is {width}x{height} but its image {image_path} is {oriented[0]}x{oriented[1]}")
         present = np.unique(values).tolist()
-        bad = [v for v in present if v != IGNORE_LABEL and not 0 <= v < len(classes)]
+        bad = [v for v in present if v != IGNORE_INDEX and not 0 <= v < len(classes)]
         if bad:
             raise ValueError(
                 f"label PNG {label_path} has label value {bad[0]} but {classes_file} lists {len(classes)} classes"
-                f" (values 0..{len(classes) - 1}, {IGNORE_LABEL} = ignore)"
+                f" (values 0..{len(classes) - 1}, {IGNORE_INDEX} = ignore)"
             )
         record = RegionImageRecord(stem, image_path, width, height)
         for value in present:
-            if value == IGNORE_LABEL or (ignore_background and value == 0):
+            if value == IGNORE_INDEX or (ignore_background and value == 0):
                 continue
             record.regions.append(Region(f"{stem}:{value}", LabelMask(label_path, value), classes[value], value, []))
         records.append(record)

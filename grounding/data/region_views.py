@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-#: CLIP's normalisation mean (RGB, [0, 1]): a pixel of this colour becomes 0 after CLIP normalisation.
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+from grounding.constants import CLIP_MEAN  # a pixel of this colour becomes 0 after CLIP normalisation
 
 RED: tuple[int, int, int] = (255, 0, 0)
 

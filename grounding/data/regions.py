@@ -1,5 +1,5 @@
 """Region data for mask-region methods (MaskInversion): a dataset and a DataModule over the records of
-``grounding.data.region_readers`` (COCO, RefCOCO, PhraseCut, label PNGs, the synthetic dataset).
+``grounding.data.region_readers`` (COCO, RefCOCO, PhraseCut, label PNGs, the synthetic dataset's files).
 
 ``RegionDataset`` yields one dict per image (see its docstring); ``RegionDataModule`` builds it from
 LightningCLI-friendly settings, including the embedded synthetic dataset.
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from grounding.data.coco import SkipReport
+from grounding.data import synthetic as syn
 from grounding.data.evaluation import EvaluationDataModule, RecordDataset
 from grounding.data.images import image_tensor, read_rgb_image
 from grounding.data.region_readers import (
@@ -22,6 +23,7 @@ from grounding.data.region_readers import (
     load_refcoco_regions,
     load_semantic_regions,
 )
+from grounding.data.skips import SkipReport
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +104,11 @@ class RegionDataModule(EvaluationDataModule):
 
     def __init__(
         self,
-        format: str = "synthetic",
+        format: Literal["synthetic", "coco", "refcoco", "phrasecut", "semantic"] = "synthetic",
         split: str = "val",
         synthetic_root: str | None = "data/synthetic",
         synthetic: dict | None = None,
-        task: str = "class",
+        task: Literal["class", "referring", "semantic", "phrasecut"] = "class",
         annotations: str | None = None,
         images: str | None = None,
         refs: str | None = None,
@@ -115,7 +117,7 @@ class RegionDataModule(EvaluationDataModule):
         image_list: str | None = None,
         image_data: str | None = None,
         file_pattern: str | None = None,
-        level: str = "class",
+        level: Literal["class", "instance"] = "class",
         ignore_background: bool = True,
         max_images: int | None = None,
         batch_size: int = 1,
@@ -123,48 +125,27 @@ class RegionDataModule(EvaluationDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+        self.check_format(format, FORMATS)
         if format == "synthetic" and task not in SYNTHETIC_TASKS:
             raise ValueError(f"task must be one of {', '.join(SYNTHETIC_TASKS)} (format 'synthetic'); got {task!r}")
         if format == "synthetic" and not synthetic_root:
             raise ValueError("format 'synthetic' needs synthetic_root")
         if level not in ("class", "instance"):
             raise ValueError(f"level must be 'class' or 'instance'; got {level!r}")
-        if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
-            raise ValueError(f"max_images must be a positive integer or None; got {max_images!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"split must be a non-empty string; got {split!r}")
+        self.check_loader_settings(split, max_images, batch_size, num_workers, limit_name="max_images")
         required = {
             "coco": ("annotations", "images"),
             "refcoco": ("refs", "annotations", "images"),
             "phrasecut": ("annotations", "images"),
             "semantic": ("images", "labels", "classes"),
         }.get(format, ())
-        given = {"annotations": annotations, "images": images, "refs": refs, "labels": labels, "classes": classes}
-        absent = [name for name in required if not given[name]]
-        if absent:
-            raise ValueError(f"format {format!r} needs {', '.join(absent)} (set: {', '.join(required)})")
+        self.check_required(format, required, self.hparams)
         self.dataset: RegionDataset | None = None
-
-    def prepare_data(self) -> None:
-        h = self.hparams
-        if h.format != "synthetic":
-            return
-        from grounding.data.synthetic import prepare_synthetic
-
-        prepare_synthetic(h.synthetic_root, h.synthetic)
 
     def _load(self) -> tuple[list[RegionImageRecord], list[str], SkipReport]:
         h = self.hparams
         fmt, paths = h.format, {k: h[k] for k in ("annotations", "images", "refs", "labels", "classes", "image_data", "file_pattern")}
         if fmt == "synthetic":
-            from grounding.data import synthetic as syn
-
             root = Path(h.synthetic_root)
             image_format = syn.load_meta(root)["config"].get("image_format", "jpg")
             fmt, defaults = {

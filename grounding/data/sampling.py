@@ -8,15 +8,35 @@ with batch b therefore see the same images, augmented the same way, at every ste
 
 ``ResumableDataLoader`` adds Lightning's ``state_dict`` / ``load_state_dict`` interface: a checkpoint saved
 in the middle of an epoch records (epoch, batches already given out), and the resumed run starts that
-epoch at the next batch instead of replaying its first batches.
+epoch at the next batch instead of replaying its first batches. Its ``on_batch`` sees each batch in the main
+process as it is given out (the detection DataModule counts unreadable training images there).
+
+``evaluation_sampler`` is the one way every evaluation, test and prediction loader splits its samples across
+processes: each sample on exactly one process, none repeated (Lightning's default ``DistributedSampler`` pads
+the last batches with copies), so every metric, prediction file and written image counts each sample once
+without any deduplication downstream.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def evaluation_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """The evaluation share of this process: under an initialized process group of N > 1 processes, rank r
+    reads samples r, r + N, r + 2N, ... in order and no sample twice (Lightning's ``UnrepeatedDistributedSampler``,
+    a ``DistributedSampler``, so Lightning keeps it); None with one process (every sample, in order)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world < 2:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=torch.distributed.get_rank(), shuffle=False)
 
 
 class EpochSampler(DistributedSampler):
@@ -52,10 +72,15 @@ class ResumableDataLoader(DataLoader):
 
     The state is (epoch, batches given out in this epoch); loading it makes the sampler skip those batches'
     indices in that epoch. The length stays the whole epoch's, as Lightning's progress counters expect.
+
+    on_batch: called in the main process with each batch the workers collated; it returns the batch to give
+        out, or None to leave it out (it still counts as consumed, so a resume skips it too).
     """
 
-    def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, **kwargs):
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int,
+                 on_batch: Callable[[object], object | None] | None = None, **kwargs):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.on_batch = on_batch
         self._given = 0
         self._skipped_batches = 0
 
@@ -65,6 +90,10 @@ class ResumableDataLoader(DataLoader):
         self._given = 0
         for batch in super().__iter__():
             self._given += 1
+            if self.on_batch is not None:
+                batch = self.on_batch(batch)
+                if batch is None:
+                    continue
             yield batch
 
     def state_dict(self) -> dict:

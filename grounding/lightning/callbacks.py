@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -252,7 +252,7 @@ class TextProgress(Callback):
 
     MODES = ("auto", "always", "never")
 
-    def __init__(self, every_n_steps: int = 50, mode: str = "auto"):
+    def __init__(self, every_n_steps: int = 50, mode: Literal["auto", "always", "never"] = "auto"):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"progress.every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if mode not in self.MODES:

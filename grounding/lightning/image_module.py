@@ -14,12 +14,13 @@ import contextlib
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torchvision.ops import box_convert
 
-from grounding.data.coco import IMAGENET_MEAN, IMAGENET_STD
+from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
 from grounding.data.prompts import Prompt, build_prompts, category_scores
 from grounding.lightning.guards import NonFiniteGuard
 from grounding.metrics.coco_eval import CocoBoxMetric, write_json_atomic
@@ -85,13 +86,13 @@ class ImageGroundingModule(L.LightningModule):
         freeze_text_encoder: bool = True,
         lr_drop_epochs: list[int] | None = None,
         lr_drop_factor: float = 0.1,
-        lr_schedule: str = "step",
+        lr_schedule: Literal["step", "cosine"] = "step",
         lr_min_factor: float = 0.01,
         num_detections: int = 300,
         log_images: bool = True,
         log_score_threshold: float = 0.3,
         max_nonfinite_steps: int = 10,
-        proposal_loss: str = "trained",
+        proposal_loss: Literal["trained", "detached"] = "trained",
         denoising: DenoisingConfig | None = None,
     ):
         super().__init__()
@@ -334,7 +335,13 @@ class ImageGroundingModule(L.LightningModule):
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             folder = Path(log_dir) / "predictions"
             source = self.trainer.datamodule.evaluation_split if split == "test" else split
-            name = f"{source}_epoch{self.current_epoch:03d}.json" if split == "val" and self.trainer.state.fn == "fit" else f"{source}.json"
+            fn = self.trainer.state.fn
+            if split == "val" and fn == "fit":
+                name = f"{source}_epoch{self.current_epoch:03d}.json"
+            elif split == "val":  # a validation outside fit (before or after it): named by the weights' step
+                name = f"{source}_step{self.global_step:06d}.json"
+            else:
+                name = f"{source}.json"
             write_json_atomic(folder / name, results)
         log.info("%s: %d images, %d detections, AP %.4f AP50 %.4f", split, len(image_ids), len(results), values["AP"], values["AP50"])
         metric.reset()

@@ -20,10 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from grounding.constants import IGNORE_INDEX
+from grounding.data.label_maps import voc_palette
 from grounding.utils import write_atomic
-from grounding.visualize import _voc_palette
 
-IGNORE_INDEX = 255
 IGNORE_COLOUR = (255, 255, 255)
 """Colour of label 255 when the palette is shorter than 256 entries (white, as ``colorize_labels`` draws it)."""
 
@@ -126,27 +126,60 @@ class PredictionPngWriter(Callback):
 
 class LabelMapWriter(PredictionPngWriter):
     """Writes the label maps of ``test_step`` and ``predict_step`` outputs (``label_maps``: (H, W) long each) as
-    palette PNGs to ``<out_dir>/<image_id>.png``.
+    palette PNGs to ``<out_dir>/<image_id>.png``, and, for a person to look at, each map over its image beside a
+    legend of its classes (name per colour) to ``<out_dir>_overlays/<image_id>.png``.
 
     out_dir: default ``<trainer.log_dir>/predictions/labels``.
     palette: (N, 3) uint8; default the datamodule's ``palette`` when it has one, else the VOC palette.
+    overlays: write the overlays (they need the batch's samples to hold their ``image``; the class names are the
+        datamodule's ``class_names``, else the label values).
     """
 
     key = "label_maps"
     folder_name = "labels"
 
-    def __init__(self, out_dir: str | None = None, palette: torch.Tensor | None = None):
+    def __init__(self, out_dir: str | None = None, palette: torch.Tensor | None = None, overlays: bool = True):
         super().__init__(out_dir)
         self.palette = palette
+        self.overlays = overlays
         self._colours: torch.Tensor | None = None
+        self._class_names: list[str] = []
+        self._overlaid: set[str] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        colours = self.palette if self.palette is not None else getattr(getattr(trainer, "datamodule", None), "palette", None)
-        self._colours = torch.as_tensor(colours if colours is not None else _voc_palette(256), dtype=torch.uint8)
+        datamodule = getattr(trainer, "datamodule", None)
+        colours = self.palette if self.palette is not None else getattr(datamodule, "palette", None)
+        self._colours = torch.as_tensor(colours if colours is not None else voc_palette(256), dtype=torch.uint8)
+        self._class_names = list(getattr(datamodule, "class_names", None) or []) if datamodule is not None else []
+        self._overlaid = set()
 
     def write_item(self, path: Path, item: Any) -> None:
         write_label_png(path, item, self._colours)
+
+    def write_overlays(self, outputs: Any, batch: Any) -> None:
+        """Each label map of ``outputs`` over the image of the sample of ``batch`` with the same id, with a legend."""
+        from grounding.visualize import labelled_overlay
+
+        if not self.overlays or not isinstance(batch, (list, tuple)) or self._folder is None:
+            return
+        images = {str(s["image_id"]): s["image"] for s in batch if isinstance(s, dict) and "image" in s and "image_id" in s}
+        folder = self._folder.with_name(self._folder.name + "_overlays")
+        for image_id, labels in zip(outputs["image_ids"], outputs[self.key]):
+            name = _checked_id(image_id)
+            if name in self._overlaid or name not in images:
+                continue
+            names = self._class_names or [str(v) for v in range(int(self._colours.shape[0]))]
+            write_rgb_png(folder / f"{name}.png", labelled_overlay(images[name], labels, names, self._colours))
+            self._overlaid.add(name)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)
+        self.write_overlays(outputs, batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)
+        self.write_overlays(outputs, batch)
 
 
 class RGBImageWriter(PredictionPngWriter):

@@ -12,8 +12,8 @@ masks each) and embed every region with each method of ``methods``:
 Protocols (Acc@1, docs/maskinversion.md): ``class`` — cosine with "a photo of a {class}." for every class of the
 dataset (``RegionDataModule.class_names``), right when the top-1 class is the region's; ``referring`` —
 cosine with every referring expression of the image, right when the top-1 is one of the region's own.
-Metrics are logged as ``test/acc1_<method>`` (torchmetrics, gathered across processes, regions repeated by
-the distributed sampler counted once). The LETs (and the baselines' embeddings) are written to
+Metrics are logged as ``test/acc1_<method>`` (torchmetrics, gathered across processes; each image is read by
+one process only). The LETs (and the baselines' embeddings) are written to
 ``RUN/predictions/maskinversion_<split>.pt``: ``{"keys": ["<image_id>/<region_id>", ...], "image_ids",
 "region_ids", "embeddings": (R, P) LETs, "baselines": {method: (R, P)}, "settings": {...}}``, loadable
 with ``torch.load`` for downstream use (captioning, retrieval). TensorBoard gets, for the first
@@ -23,25 +23,28 @@ with ``torch.load`` for downstream use (captioning, retrieval). TensorBoard gets
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
-import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from grounding.data.region_views import crop_view, masked_crop_view, red_circle_view
-from grounding.metrics.retrieval import RetrievalAccuracy, region_key, top1_correct
+from grounding.lightning.test_time import TestTimeModule, plain_settings
+from grounding.metrics.retrieval import RetrievalAccuracy, top1_correct
 from grounding.models.clip import build_clip
-from grounding.models.maskinversion import MaskInversion
+from grounding.models.maskinversion import MaskInversion, MaskInversionSettings
 from grounding.utils import write_atomic
 from grounding.visualize import overlay_heatmap, panel_row, upscale
 
 log = logging.getLogger(__name__)
 
 METHODS = ("maskinversion", "global", "crop", "masked_crop", "red_circle")
-PROTOCOLS = ("class", "referring")
+Method = Literal["maskinversion", "global", "crop", "masked_crop", "red_circle"]
 
 
-class MaskInversionModule(L.LightningModule):
+class MaskInversionModule(TestTimeModule):
     """Region embeddings by MaskInversion and baselines, evaluated by retrieval.
 
     Args:
@@ -51,8 +54,9 @@ class MaskInversionModule(L.LightningModule):
         image_size: CLIP input size (position embeddings resampled; the paper: 448).
         antialias: antialiased bicubic resampling of the position embeddings (as the references do), else transformers' plain one.
         protocol: ``class`` or ``referring`` retrieval.
-        methods: which of maskinversion, global, crop, masked_crop, red_circle to run.
-        iterations, lr, weight_decay, optimizer, mode, layers, chunk_size: MaskInversion settings.
+        methods: which of maskinversion, global, crop, masked_crop, red_circle to run (None: all).
+        inversion: the optimization of the LETs (``MaskInversionSettings``: iterations, lr, weight_decay,
+            optimizer, mode, layers, chunk_size).
         alpha: the regularizer's weight; None = the protocol's default (0 for class, 5 for referring).
         template: class prompt, ``{}`` is replaced by the class name.
         crop_margin: box margin of the crop baselines (fraction of the box size on each side).
@@ -64,22 +68,16 @@ class MaskInversionModule(L.LightningModule):
         self,
         backbone: str = "tiny",
         backbone_config: dict | None = None,
-        image_size: int = 448,
+        image_size: PositiveInt = 448,
         antialias: bool = True,
-        protocol: str = "class",
-        methods: list[str] | None = None,
-        iterations: int = 10,
-        lr: float = 0.5,
-        alpha: float | None = None,
-        weight_decay: float = 0.0,
-        optimizer: str = "adamw",
-        mode: str = "decomposed",
-        layers: list[int] | None = None,
-        chunk_size: int = 16,
+        protocol: Literal["class", "referring"] = "class",
+        methods: list[Method] | None = None,
+        inversion: MaskInversionSettings = MaskInversionSettings(),
+        alpha: NonNegativeFloat | None = None,
         template: str = "a photo of a {}.",
-        crop_margin: float = 0.0,
+        crop_margin: NonNegativeFloat = 0.0,
         save_predictions: bool = True,
-        log_regions: int = 4,
+        log_regions: NonNegativeInt = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,27 +85,27 @@ class MaskInversionModule(L.LightningModule):
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"model.methods must be a non-empty list of {METHODS}, got {methods}")
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"model.protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if "{}" not in template:
             raise ValueError(f"model.template must contain '{{}}' for the class name, got {template!r}")
         self.methods = methods
         self.backbone = build_clip(backbone, image_size=image_size, antialias=antialias, overrides=backbone_config)
         self.alpha = (5.0 if protocol == "referring" else 0.0) if alpha is None else float(alpha)
-        self.inverter = MaskInversion(
-            self.backbone, iterations=iterations, lr=lr, alpha=self.alpha, weight_decay=weight_decay,
-            optimizer=optimizer, mode=mode, layers=layers or [-1], chunk_size=chunk_size,
-        )
+        try:
+            self.inverter = MaskInversion(self.backbone, alpha=self.alpha, **asdict(inversion))
+        except ValueError as error:
+            raise ValueError(f"model.inversion.{error}") from None
         self.metrics = torch.nn.ModuleDict({m: RetrievalAccuracy() for m in methods})
         self.class_names: list[str] = []
         self._class_text: torch.Tensor | None = None
         self._outputs: list[dict] = []
-        self._logged = 0
+
+    @property
+    def picture_limit(self) -> int:
+        return int(self.hparams.log_regions)
 
     # ------------------------------------------------------------------------------------- set-up
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.hparams.protocol == "class" and datamodule is not None:
+    def classes_from(self, datamodule) -> None:
+        if self.hparams.protocol == "class":
             self.set_classes(list(datamodule.class_names))
 
     def set_classes(self, class_names: list[str]) -> None:
@@ -167,21 +165,20 @@ class MaskInversionModule(L.LightningModule):
             text = self.backbone.encode_text(candidates)
         return rows, text, [[position[e] for e in sample["expressions"][r]] for r in rows]
 
-    def _process(self, batch: list[dict]) -> list[dict]:
+    def process(self, batch: list[dict], score: bool) -> list[dict]:
         results = []
         for sample in batch:
             masks = sample["masks"]
             if masks.shape[0] == 0:
                 continue
-            want_maps = self._logged < self.hparams.log_regions and "maskinversion" in self.methods
+            want_maps = self.picture_logger() is not None and "maskinversion" in self.methods
             embeddings, inversion = self.embed_regions(sample["image"], masks, want_maps)
-            keys = [region_key(sample["image_id"], r) for r in sample["region_ids"]]
             rows, candidates, targets = self._targets(sample)
-            if rows:
+            if rows and score:
                 row_index = torch.tensor(rows, dtype=torch.long)
                 for method, values in embeddings.items():
                     correct = top1_correct(values[row_index.to(values.device)], candidates, targets)
-                    self.metrics[method].update([keys[r] for r in rows], correct.to(self.device))
+                    self.metrics[method].update(correct.to(self.device))
             if want_maps and inversion is not None and inversion.maps is not None:
                 self._log_maps(sample, inversion)
             results.append({
@@ -192,16 +189,12 @@ class MaskInversionModule(L.LightningModule):
         return results
 
     # ------------------------------------------------------------------------------------- loops
-    def on_test_epoch_start(self) -> None:
-        self._outputs, self._logged = [], 0
-
-    on_predict_epoch_start = on_test_epoch_start
+    def reset_epoch(self) -> None:
+        super().reset_epoch()
+        self._outputs = []
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        self._process(batch)
-
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        return self._process(batch)
+        self.process(batch, score=True)  # the embeddings are written at the epoch's end, not returned
 
     def on_test_epoch_end(self) -> None:
         for method, metric in self.metrics.items():
@@ -216,27 +209,15 @@ class MaskInversionModule(L.LightningModule):
     def on_predict_epoch_end(self) -> None:
         self._write_predictions("predict")
 
-    def _gather_outputs(self) -> list[dict]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, self._outputs)
-            return [item for part in gathered for item in part]
-        return list(self._outputs)
-
     def _write_predictions(self, stage: str) -> None:
-        outputs = self._gather_outputs()  # a collective call under DDP: every rank makes it
+        outputs = self.gather(self._outputs)  # a collective call under DDP: every rank makes it
         log_dir = self.trainer.log_dir  # likewise
         if not self.hparams.save_predictions or not self.trainer.is_global_zero or not log_dir:
             return
         keys, image_ids, region_ids, rows = [], [], [], {m: [] for m in self.methods}
-        seen = set()
         for output in outputs:
             for index, region in enumerate(output["region_ids"]):
-                key = f"{output['image_id']}/{region}"
-                if key in seen:  # a copy from the distributed sampler's padding
-                    continue
-                seen.add(key)
-                keys.append(key)
+                keys.append(f"{output['image_id']}/{region}")
                 image_ids.append(output["image_id"])
                 region_ids.append(region)
                 for method in self.methods:
@@ -248,7 +229,7 @@ class MaskInversionModule(L.LightningModule):
             "keys": keys, "image_ids": image_ids, "region_ids": region_ids,
             "embeddings": stacked.get("maskinversion"),
             "baselines": {m: v for m, v in stacked.items() if m != "maskinversion"},
-            "settings": dict(self.hparams),
+            "settings": plain_settings(dict(self.hparams)),
         }
         path = Path(log_dir) / "predictions" / f"maskinversion_{split}.pt"
         write_atomic(path, lambda temporary: torch.save(payload, temporary))
@@ -257,8 +238,8 @@ class MaskInversionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- logging
     def _log_maps(self, sample: dict, inversion) -> None:
         """image | mask | LeGrad map before | after the inversion, maps over the image, at a readable size."""
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image") or not self.trainer.is_global_zero:
+        experiment = self.picture_logger()
+        if experiment is None:
             return
         image, _ = upscale(sample["image"].cpu())
         for r in range(min(sample["masks"].shape[0], self.hparams.log_regions - self._logged)):

@@ -1,8 +1,8 @@
 """COCO box AP through pycocotools, on exactly the ground truth the loader kept, gathered across processes.
 
 ``CocoBoxMetric`` is a torchmetrics ``Metric``: each process adds its detections; ``compute`` gathers them
-(torchmetrics' distributed sync), drops the copies of images that a distributed sampler evaluated twice
-(it pads the last batch by repeating images), runs ``COCOeval`` once, on rank 0, restricted to the
+(torchmetrics' distributed sync; every evaluation loader reads each image on exactly one process,
+``grounding.data.sampling.evaluation_sampler``), runs ``COCOeval`` once, on rank 0, restricted to the
 evaluated images, and broadcasts the 12 statistics to every rank. The ground truth is a pycocotools
 ``COCO`` built from the annotations the data loader kept (``CocoDetectionDataModule.ground_truth``), not
 the raw file: a box the loader reported as skipped (NaN, zero area, outside its image) is not silently
@@ -89,23 +89,18 @@ class CocoBoxMetric(Metric):
         from pycocotools.coco import COCO
 
         self.ground_truth = ground_truth if isinstance(ground_truth, COCO) else ground_truth_of_file(ground_truth)
-        # one row per evaluated image occurrence: (image_id, occurrence key)
-        self.add_state("images", default=[], dist_reduce_fx="cat")
-        # one row per detection: (occurrence key, category_id, x, y, w, h, score)
+        self.add_state("images", default=[], dist_reduce_fx="cat")  # (image_id,) one row per evaluated image
+        # one row per detection: (image_id, category_id, x, y, w, h, score)
         self.add_state("detections", default=[], dist_reduce_fx="cat")
-        self._occurrences = 0
         self.last_results: tuple[list[int], list[dict]] = ([], [])
 
     def update(self, image_ids: torch.Tensor, boxes: list[torch.Tensor], scores: list[torch.Tensor], category_ids: list[torch.Tensor]) -> None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         for image_id, image_boxes, image_scores, image_categories in zip(image_ids.tolist(), boxes, scores, category_ids):
-            key = float(rank * 2**32 + self._occurrences)  # exact in float64
-            self._occurrences += 1
-            self.images.append(torch.tensor([[image_id, key]], dtype=torch.float64, device=self.device))
+            self.images.append(torch.tensor([float(image_id)], dtype=torch.float64, device=self.device))
             n = image_boxes.shape[0]
             rows = torch.cat(
                 [
-                    torch.full((n, 1), key, dtype=torch.float64, device=self.device),
+                    torch.full((n, 1), float(image_id), dtype=torch.float64, device=self.device),
                     image_categories.reshape(n, 1).to(self.device, torch.float64),
                     image_boxes.reshape(n, 4).to(self.device, torch.float64),
                     image_scores.reshape(n, 1).to(self.device, torch.float64),
@@ -115,28 +110,22 @@ class CocoBoxMetric(Metric):
             self.detections.append(rows)
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.images if isinstance(self.images, torch.Tensor) else (torch.cat(self.images) if self.images else torch.zeros(0, 2, dtype=torch.float64))
+        images = self.images if isinstance(self.images, torch.Tensor) else (torch.cat(self.images) if self.images else torch.zeros(0, dtype=torch.float64))
         detections = (
             self.detections
             if isinstance(self.detections, torch.Tensor)
             else (torch.cat(self.detections) if self.detections else torch.zeros(0, 7, dtype=torch.float64))
         )
-        return images.reshape(-1, 2).cpu(), detections.reshape(-1, 7).cpu()
+        return images.reshape(-1).cpu(), detections.reshape(-1, 7).cpu()
 
     def results(self) -> tuple[list[int], list[dict]]:
-        """Evaluated image ids and COCO results dicts, one occurrence per image (the first one gathered)."""
+        """Evaluated image ids (sorted) and the COCO results dicts of every process."""
         images, detections = self._gathered()
-        first: dict[int, float] = {}
-        for image_id, key in images.tolist():
-            first.setdefault(int(image_id), key)
-        image_of = {key: image_id for image_id, key in first.items()}
-        results = []
-        for key, category_id, x, y, w, h, score in detections.tolist():
-            if key in image_of:
-                results.append(
-                    {"image_id": image_of[key], "category_id": int(category_id), "bbox": [x, y, w, h], "score": score}
-                )
-        return sorted(first), results
+        results = [
+            {"image_id": int(image_id), "category_id": int(category_id), "bbox": [x, y, w, h], "score": score}
+            for image_id, category_id, x, y, w, h, score in detections.tolist()
+        ]
+        return sorted({int(i) for i in images.tolist()}), results
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The metrics, the same on every rank (COCOeval runs on rank 0 only); the gathered detections stay

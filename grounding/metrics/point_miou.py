@@ -10,9 +10,9 @@ TP + FP + FN > 0 (a class whose only points are negatives that no mask covers ha
 Points are continuous pixel coordinates (x, y) (pixel (i, j) covers x in [j, j + 1), y in [i, i + 1)); a point
 reads the mask at (floor(y), floor(x)), clamped into the image so that x = W (normalized X = 1) reads column W - 1.
 
-``PointMIoU`` (a torchmetrics ``Metric``) counts each image once even when a ``DistributedSampler`` evaluates
-some images on two processes: ``update(..., image_id=...)`` stores the image's non-zero per-class counts under a
-64-bit key of its id, and ``compute`` keeps the first occurrence of each key over all processes.
+``PointMIoU`` (a torchmetrics ``Metric``) sums the per-class counts over updates and processes; every evaluation
+loader reads each image on exactly one process (``grounding.data.sampling.evaluation_sampler``), so each image
+counts once.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from typing import Sequence
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
-
-from grounding.metrics.segmentation import image_key
 
 
 def min_max_scale(maps: torch.Tensor) -> torch.Tensor:
@@ -99,23 +96,11 @@ def point_scores(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> dict[s
     return {"p-mIoU": iou.nanmean(), "IoU": iou, "TP": tp, "FP": fp, "FN": fn}
 
 
-def first_occurrences(keys: torch.Tensor) -> torch.Tensor:
-    """bool (N,): True at the first position of each distinct value of ``keys`` (N,)."""
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    positions = torch.arange(keys.numel(), device=keys.device)
-    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long, device=keys.device)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    keep = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-    keep[first] = True
-    return keep
-
-
 class PointMIoU(Metric):
     """p-mIoU over all updates and processes (see the module docstring).
 
-    ``update(maps, classes, points, point_classes, point_labels, image_id=None)``: one image, arguments as in
-    ``point_counts``; images with the same ``image_id`` (str or int) count once; without an id, every update
-    counts. ``compute()``: ``point_scores`` of the (num_classes,) TP / FP / FN sums (a dict; see there).
+    ``update(maps, classes, points, point_classes, point_labels)``: one image, arguments as in ``point_counts``.
+    ``compute()``: ``point_scores`` of the (num_classes,) TP / FP / FN sums (a dict; see there).
     """
 
     full_state_update = False
@@ -127,56 +112,23 @@ class PointMIoU(Metric):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
         self.num_classes, self.threshold = num_classes, threshold
-        for name in ("tp", "fp", "fn"):  # images updated without ids
+        for name in ("tp", "fp", "fn"):
             self.add_state(name, default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("image_keys", default=[], dist_reduce_fx="cat")  # (N,) one per keyed image
-        self.add_state("entry_counts", default=[], dist_reduce_fx="cat")  # (N,) classes stored per image
-        self.add_state("entry_classes", default=[], dist_reduce_fx="cat")  # (E,) their class indices
-        self.add_state("entry_values", default=[], dist_reduce_fx="cat")  # (E, 3) their TP, FP, FN
 
-    def update(
-        self, maps: torch.Tensor, classes: Sequence[int], points: torch.Tensor, point_classes: torch.Tensor,
-        point_labels: torch.Tensor, image_id: str | int | None = None,
-    ) -> None:
+    def update(self, maps: torch.Tensor, classes: Sequence[int], points: torch.Tensor, point_classes: torch.Tensor,
+               point_labels: torch.Tensor) -> None:
         bad = [int(c) for c in classes if not 0 <= int(c) < self.num_classes]
         if bad:
             raise ValueError(f"class {bad[0]} is outside [0, {self.num_classes})")
         tp, fp, fn = (t.to(self.device) for t in point_counts(maps, classes, points, point_classes, point_labels, self.threshold))
         index = torch.tensor([int(c) for c in classes], dtype=torch.long, device=self.device)
-        if image_id is None:
-            self.tp.index_add_(0, index, tp)
-            self.fp.index_add_(0, index, fp)
-            self.fn.index_add_(0, index, fn)
-            return
-        counts = torch.stack([tp, fp, fn], dim=1)  # (C', 3)
-        stored = counts.any(dim=1)  # a class with nothing counted adds nothing: keep the state sparse
-        self.image_keys.append(torch.tensor([image_key(image_id)], dtype=torch.long, device=self.device))
-        self.entry_counts.append(torch.tensor([int(stored.sum())], dtype=torch.long, device=self.device))
-        self.entry_classes.append(index[stored])
-        self.entry_values.append(counts[stored])
-
-    def sync(self, *args, **kwargs) -> None:
-        # a process that saw no keyed image would send torchmetrics' float32 placeholder, which cannot be
-        # gathered with the other processes' int64 tensors: give it empty int64 tensors instead
-        empty = {"entry_values": (0, 3)}
-        for name in ("image_keys", "entry_counts", "entry_classes", "entry_values"):
-            state = getattr(self, name)
-            if isinstance(state, list) and not state:
-                state.append(torch.zeros(empty.get(name, (0,)), dtype=torch.long, device=self.device))
-        super().sync(*args, **kwargs)
+        self.tp.index_add_(0, index, tp)
+        self.fp.index_add_(0, index, fp)
+        self.fn.index_add_(0, index, fn)
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(TP, FP, FN), each long (num_classes,): the unkeyed sums plus the first occurrence of every keyed
-        image (of this process's states; after ``sync``, of all processes)."""
-        sums = torch.stack([self.tp, self.fp, self.fn], dim=1).clone()  # (num_classes, 3)
-        if not (isinstance(self.image_keys, list) and not self.image_keys):
-            keys = dim_zero_cat(self.image_keys).long()
-            per_image = dim_zero_cat(self.entry_counts).long()
-            entries = dim_zero_cat(self.entry_classes).long()
-            values = dim_zero_cat(self.entry_values).long().reshape(-1, 3)
-            keep = first_occurrences(keys).repeat_interleave(per_image)
-            sums.index_add_(0, entries[keep], values[keep])
-        return sums[:, 0], sums[:, 1], sums[:, 2]
+        """(TP, FP, FN), each long (num_classes,) (of this process's updates; after ``sync``, of all processes)."""
+        return self.tp.clone(), self.fp.clone(), self.fn.clone()
 
     def compute(self) -> dict[str, torch.Tensor]:
         return point_scores(*self.counts())

@@ -8,32 +8,22 @@ has IoU NaN (0 / 0) and is left out of the mean (nanmean); a class absent from t
 NaN, likewise left out of mAcc. docs/invseg.md describes the evaluation.
 
 ``SegmentationMetric`` (a torchmetrics ``Metric``) sums confusion matrices across batches and processes.
-Each image counts once even when a ``DistributedSampler`` pads the last batches by evaluating some images
-on two processes: ``update(pred, target, image_ids)`` stores each image's confusion matrix in sparse form
-(its non-zero cells) under a 64-bit key of its id; ``compute`` gathers all processes' images and keeps
-the first occurrence of each key (in process order, then update order). Images updated without ids are
-summed as they come (no deduplication).
+Every evaluation loader reads each image on exactly one process (``grounding.data.sampling.evaluation_sampler``),
+so the sum counts each image once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Sequence
 
 import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
-from torchmetrics.utilities import dim_zero_cat
+
+from grounding.constants import IGNORE_INDEX
 
 
-def image_key(image_id: str | int) -> int:
-    """A stable signed 64-bit key of an image id (the same on every process and run)."""
-    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """(C, C) int64 pixel counts, entry [t, p] = pixels of ground truth t predicted as p.
 
     pred, target: integer label maps of the same shape, (H, W) or (B, H, W); C = num_classes. Pixels whose
@@ -101,8 +91,7 @@ def format_iou_table(class_names: Sequence[str], iou: torch.Tensor, acc: torch.T
 class SegmentationMetric(Metric):
     """mIoU / mAcc / aAcc over all updates and processes (see the module docstring).
 
-    ``update(pred, target, image_ids=None)``: pred, target (H, W) or (B, H, W) integer label maps;
-    image_ids: one id per map (str or int); images with the same id count once.
+    ``update(pred, target)``: pred, target (H, W) or (B, H, W) integer label maps.
     ``compute()``: ``segmentation_scores`` of the summed confusion matrix (a dict; see there).
     """
 
@@ -110,64 +99,23 @@ class SegmentationMetric(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        c = num_classes
-        self.add_state("matrix", default=torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")  # images without ids
-        self.add_state("image_keys", default=[], dist_reduce_fx="cat")  # (N,) one per keyed image seen
-        self.add_state("cell_counts", default=[], dist_reduce_fx="cat")  # (N,) non-zero cells of each image's matrix
-        self.add_state("cells", default=[], dist_reduce_fx="cat")  # (E,) flat index t * C + p of those cells
-        self.add_state("values", default=[], dist_reduce_fx="cat")  # (E,) their pixel counts
+        self.add_state("matrix", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, image_ids: Sequence[str | int] | None = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.dim() == 2:
             pred, target = pred[None], target[None]
         if pred.dim() != 3 or target.dim() != 3:
             raise ValueError(f"label maps must be (H, W) or (B, H, W); got {tuple(pred.shape)} and {tuple(target.shape)}")
-        if image_ids is None:
-            self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index).to(self.matrix.device)
-            return
-        if len(image_ids) != pred.shape[0]:
-            raise ValueError(f"{len(image_ids)} image ids for {pred.shape[0]} label maps")
-        for image_id, one_pred, one_target in zip(image_ids, pred, target):
-            flat = confusion_matrix(one_pred, one_target, self.num_classes, self.ignore_index).reshape(-1).to(self.device)
-            cells = flat.nonzero().flatten()
-            self.image_keys.append(torch.tensor([image_key(image_id)], dtype=torch.long, device=self.device))
-            self.cell_counts.append(torch.tensor([cells.numel()], dtype=torch.long, device=self.device))
-            self.cells.append(cells)
-            self.values.append(flat[cells])
-
-    def sync(self, *args, **kwargs) -> None:
-        # a process that saw no keyed image would send torchmetrics' float32 placeholder, which cannot be
-        # gathered with the other processes' int64 tensors: give it an empty int64 tensor instead
-        for name in ("image_keys", "cell_counts", "cells", "values"):
-            state = getattr(self, name)
-            if isinstance(state, list) and not state:
-                state.append(torch.zeros(0, dtype=torch.long, device=self.device))
-        super().sync(*args, **kwargs)
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index).to(self.matrix.device)
 
     def confusion(self) -> torch.Tensor:
-        """(C, C) int64: the unkeyed sum plus the first occurrence of every keyed image (of this process's
-        states; after ``sync``, of all processes)."""
-        matrix = self.matrix.clone()
-        if isinstance(self.image_keys, list) and not self.image_keys:
-            return matrix
-        keys = dim_zero_cat(self.image_keys).long()
-        counts = dim_zero_cat(self.cell_counts).long()
-        cells, values = dim_zero_cat(self.cells).long(), dim_zero_cat(self.values).long()
-        # the position of the first occurrence of each key, then keep the cells of those images only
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        positions = torch.arange(keys.numel(), device=keys.device)
-        first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long, device=keys.device)
-        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-        keep_image = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-        keep_image[first] = True
-        keep = keep_image.repeat_interleave(counts)
-        matrix.view(-1).index_add_(0, cells[keep], values[keep])
-        return matrix
+        """(C, C) int64 summed confusion matrix (of this process's updates; after ``sync``, of all processes)."""
+        return self.matrix.clone()
 
     def compute(self) -> dict[str, torch.Tensor]:
         return segmentation_scores(self.confusion())

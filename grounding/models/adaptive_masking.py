@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class MaskingConfig:
     Lists are accepted for ``r0`` / ``r1`` (configs come from YAML) and stored as tuples.
     """
 
-    variant: str = "rf_gam"
+    variant: Literal["rf_gam", "threshold", "random", "none"] = "rf_gam"
     r0: tuple[float, ...] = (0.10, 0.20, 0.30, 0.40)
     r1: tuple[float, ...] | None = None
     sigma: float = 1.0

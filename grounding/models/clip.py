@@ -25,11 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from grounding.constants import CLIP_MEAN, CLIP_STD  # OpenAI CLIP's, used when a checkpoint has no image processor config
 from grounding.utils import merge_nested
-
-#: OpenAI CLIP's image statistics, used when a checkpoint has no image processor config
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: the random test / demo model: ViT with patch 16 (as ViT-B/16), 4 blocks of width 64
 TINY_CLIP_CONFIG: dict[str, Any] = {

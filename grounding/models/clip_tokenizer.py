@@ -33,8 +33,6 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from grounding.data.synthetic import COLOUR_RGB, REFERRING_WORDS, SHAPE_NAMES, SyntheticConfig, category_names
-
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -54,10 +52,16 @@ COMMON_WORDS = (
 )
 
 
-def _synthetic_words() -> tuple[str, ...]:
-    """Colours, shapes, category names and referring-expression words of the synthetic dataset."""
-    every_category = category_names(SyntheticConfig(colours=tuple(COLOUR_RGB), shapes=tuple(SHAPE_NAMES)))
-    return tuple(COLOUR_RGB) + tuple(SHAPE_NAMES) + tuple(REFERRING_WORDS) + tuple(every_category)
+#: the words of the project's synthetic dataset: every colour and shape name it knows, then the other words of
+#: its referring expressions, as ``grounding.data.synthetic.vocabulary_words()`` gives them. Written out here
+#: because models do not import the data layer, and fixed because the token ids of every tiny model, and so
+#: its random weights, follow from the vocabulary; tests/models/test_clip_tokenizer.py keeps the two equal.
+SYNTHETIC_WORDS: tuple[str, ...] = (
+    "red", "blue", "green", "yellow", "purple",
+    "circle", "square", "triangle", "star", "diamond",
+    "the", "on", "at", "in", "of", "from", "image", "left", "right", "top", "bottom", "middle",
+    "small", "large", "big", "smallest", "largest", "biggest", "second", "third",
+)
 
 
 def _split_words(texts: Iterable[str]) -> tuple[str, ...]:
@@ -66,8 +70,9 @@ def _split_words(texts: Iterable[str]) -> tuple[str, ...]:
 
 
 #: words built into single tokens by default: the synthetic dataset's vocabulary, prompt template words and
-#: common prompt words (category names and templates are split into their words).
-DEFAULT_WORDS: tuple[str, ...] = _split_words(_synthetic_words() + PROMPT_TEMPLATES + COMMON_WORDS)
+#: common prompt words (templates are split into their words). A caller with other text passes its own
+#: ``words`` to ``build_clip_tokenizer``.
+DEFAULT_WORDS: tuple[str, ...] = _split_words(SYNTHETIC_WORDS + PROMPT_TEMPLATES + COMMON_WORDS)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -285,3 +285,107 @@ def class_text_embeddings(
         raise ValueError("class_names is empty")
     with torch.no_grad():
         return F.normalize(backbone.encode_text([template.format(name) for name in class_names]), dim=-1)
+
+
+def resize_to_short_side(backbone: ClipBackbone, image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> normalized (1, 3, h, w) on the backbone's device with min(h, w) ≈ ``short_side``, the
+    aspect kept and both sides rounded to multiples of the patch size (bicubic, antialiased)."""
+    patch = backbone.patch_size
+    height, width = image.shape[-2:]
+    scale = short_side / min(height, width)
+    size = [max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch)]
+    pixels = F.interpolate(image[None].float().to(backbone.mean.device) / 255, size=size, mode="bicubic",
+                           align_corners=False, antialias=True).clamp(0, 1)
+    return (pixels - backbone.mean) / backbone.std
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``window`` px every ``stride`` px along a side of ``size`` px, the last one flush
+    with the border (one window at 0 when the side is not longer than a window)."""
+    if size <= window:
+        return [0]
+    positions = list(range(0, size - window + 1, stride))
+    return positions if positions[-1] == size - window else positions + [size - window]
+
+
+def sliding_window_maps(backbone: ClipBackbone, pixels: torch.Tensor, text: torch.Tensor, method: str, window: int,
+                        stride: int, **settings) -> torch.Tensor:
+    """(C, h, w) maps of normalized ``pixels`` (1, 3, h, w): ``similarity_maps`` of every window, averaged where
+    windows overlap (docs/gem.md)."""
+    height, width = pixels.shape[-2:]
+    total = pixels.new_zeros(text.shape[0], height, width)
+    count = pixels.new_zeros(1, height, width)
+    for top in window_starts(height, window, stride):
+        for left in window_starts(width, window, stride):
+            crop = pixels[..., top:top + window, left:left + window]
+            maps = similarity_maps(backbone, crop, text, method, **settings)[0]
+            total[:, top:top + crop.shape[-2], left:left + crop.shape[-1]] += maps
+            count[:, top:top + crop.shape[-2], left:left + crop.shape[-1]] += 1
+    return total / count
+
+
+def labels_with_background(maps: torch.Tensor, foreground: Sequence[int], background: int | None,
+                           threshold: float = 0.85, logit_scale: float = 100.0) -> torch.Tensor:
+    """(C_fg, H, W) cosine maps of the foreground classes -> (H, W) label values: the arg-max class's value from
+    ``foreground``; with a ``background`` value, pixels whose largest softmax(``logit_scale`` · cosine) over the
+    foreground classes is below ``threshold`` get it (docs/gem.md)."""
+    labels = torch.tensor(list(foreground), device=maps.device)[maps.argmax(0)]
+    if background is not None:
+        confidence = (logit_scale * maps).softmax(0).amax(0)
+        labels = torch.where(confidence < threshold, torch.full_like(labels, background), labels)
+    return labels
+
+
+class DenseSimilarity:
+    """GEM's (or a baseline's) whole per-image computation: an image of any size and class names (or their text
+    embeddings) in, per-class cosine maps at the image's own size out (docs/gem.md).
+
+    The image is resized so that its shorter side is ``short_side`` (sides rounded to patch multiples), run whole
+    or in sliding windows (``window`` / ``stride`` px, maps averaged where they overlap), and the maps are
+    upsampled bilinearly back to the image's size.
+
+    Args:
+        backbone: a frozen ``ClipBackbone`` (``grounding.models.clip.build_clip``).
+        method: gem | plain | maskclip | clipsurgery.
+        depth, iterations, temperature: ``GEM``'s settings.
+        short_side: the resized image's shorter side.
+        window, stride: sliding-window inference (both None: the whole image at once).
+        template: the sentence a class name is put in.
+    """
+
+    def __init__(self, backbone: ClipBackbone, method: str = "gem", depth: int = 7, iterations: int = 1,
+                 temperature: float | None = None, short_side: int = 448, window: int | None = None,
+                 stride: int | None = None, template: str = "a photo of a {}.") -> None:
+        GEM(backbone, method, depth=depth, iterations=iterations, temperature=temperature)  # checks the settings
+        patch = backbone.patch_size
+        if short_side < patch or short_side % patch:
+            raise ValueError(f"short_side {short_side} must be a positive multiple of the patch size {patch}")
+        if (window is None) != (stride is None):
+            raise ValueError("window and stride are set together (sliding-window inference) or not at all")
+        if window is not None and (window % patch or window < patch or not 0 < stride <= window or stride % patch):
+            raise ValueError(f"window ({window}) and stride ({stride}) must be multiples of the patch size {patch} "
+                             f"with 0 < stride <= window")
+        if "{}" not in template:
+            raise ValueError(f"template must hold '{{}}' where the class name goes, got {template!r}")
+        self.backbone = backbone
+        self.method = method
+        self.settings = {"depth": depth, "iterations": iterations, "temperature": temperature}
+        self.short_side, self.window, self.stride, self.template = short_side, window, stride, template
+
+    def text(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(C, P) unit text embeddings of the class names in ``template``."""
+        return class_text_embeddings(self.backbone, class_names, self.template)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, classes: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """(C, H, W) cosine similarities at every pixel of ``image`` uint8 (3, H, W); ``classes``: class names or
+        their (C, P) text embeddings."""
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+        text = classes if isinstance(classes, torch.Tensor) else self.text(classes)
+        pixels = resize_to_short_side(self.backbone, image, self.short_side)
+        if self.window is None:
+            maps = similarity_maps(self.backbone, pixels, text, self.method, **self.settings)[0]
+        else:
+            maps = sliding_window_maps(self.backbone, pixels, text, self.method, self.window, self.stride, **self.settings)
+        return F.interpolate(maps[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]

@@ -25,16 +25,43 @@ per-chunk backward passes accumulate the exact gradient), which bounds memory at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from grounding.models.clip import ClipBackbone
 from grounding.models import legrad as lg
 
 MODES = ("decomposed", "naive")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+Mode = Literal["decomposed", "naive"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+
+
+@dataclass
+class MaskInversionSettings:
+    """The optimization of the LETs (``MaskInversion``'s arguments but the backbone and α).
+
+    Attributes:
+        iterations: optimizer steps per image (0: the LETs stay the global embedding).
+        lr: the optimizer's learning rate.
+        weight_decay: the optimizer's weight decay.
+        optimizer: adamw, adam or sgd.
+        mode: decomposed (the gradient decomposition, one first-order backward per step) or naive
+            (second-order autograd through the LeGrad gradient, the reference behaviour).
+        layers: vision blocks of the LeGrad map (negative: from the end; the last one by default).
+        chunk_size: masks per forward/backward chunk (bounds memory at 448 px).
+    """
+
+    iterations: NonNegativeInt = 10
+    lr: PositiveFloat = 0.5
+    weight_decay: NonNegativeFloat = 0.0
+    optimizer: Optimizer = "adamw"
+    mode: Mode = "decomposed"
+    layers: list[int] = field(default_factory=lambda: [-1])
+    chunk_size: PositiveInt = 16
 
 
 def soft_dice_loss(maps: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

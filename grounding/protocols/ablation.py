@@ -77,10 +77,16 @@ def run_ablation(rows: list[str], seeds: list[int], base_args: list[str], out: s
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, base = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding.protocols.ablation", description=__doc__.splitlines()[0],
+        epilog="Everything after -- goes to grounding-train for every run (the demo config when it has no --config), "
+               "e.g. -- --config configs/image/coco.yaml",
+    )
     parser.add_argument("--out", required=True, help="folder of the runs and the table")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows of the table (default: all of {', '.join(ROWS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    # the usage argparse writes, with the arguments passed on after "--"
+    parser.usage = parser.format_usage().removeprefix("usage: ").rstrip().replace("%", "%%") + " -- <grounding-train arguments>"
     args = parser.parse_args(own)
     try:
         markdown, failed = run_ablation(args.rows, args.seeds, base, args.out)

@@ -183,7 +183,11 @@ def table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ours, eval_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding.protocols.odinw", description=__doc__.splitlines()[0],
+        epilog="Everything after -- goes to grounding-eval for every dataset, e.g. -- --config configs/image/coco.yaml "
+               "or -- --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt",
+    )
     parser.add_argument("--root", required=True, help="folder holding the ODinW datasets")
     parser.add_argument("--datasets", nargs="+", default=None, help=f"a subset of {', '.join(NAMES)}")
     parser.add_argument("--skip-missing", action="store_true", help="leave out datasets that are not there")
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--coco-annotations", default=None, help="COCO instances_val2017.json: evaluate COCO too")
     parser.add_argument("--coco-images", default=None, help="the COCO val2017/ image folder")
     parser.add_argument("--table", default=None, help="also write the Markdown table to this file")
+    # the usage argparse writes, with the arguments passed on after "--"
+    parser.usage = parser.format_usage().removeprefix("usage: ").rstrip().replace("%", "%%") + " -- <grounding-eval arguments>"
     args = parser.parse_args(ours)
     if (args.coco_annotations is None) != (args.coco_images is None):
         parser.error("--coco-annotations and --coco-images go together")

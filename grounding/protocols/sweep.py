@@ -339,7 +339,11 @@ def collect(out: str | Path) -> str:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our options (before ``--``) and the train arguments (after it)."""
     ours, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m grounding.protocols.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding.protocols.sweep", description=__doc__.splitlines()[0],
+        epilog="Everything after -- goes to grounding-train for every cell, e.g. -- --config configs/image/coco.yaml "
+               "--data.train_annotations A.json --data.train_images DIR",
+    )
     parser.add_argument("--out", help="folder of the sweep: one subfolder per cell, cells.json, the tables")
     parser.add_argument("--shots", type=int, nargs="+", help="k of the k-shot cells")
     parser.add_argument("--fractions", type=float, nargs="+", help="fractions of the low-data cells")
@@ -350,6 +354,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cell", type=int, help="run cell i of OUT/cells.json (what each SLURM array task does)")
     parser.add_argument("--collect", action="store_true", help="only write and print the table of OUT")
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)  # one cell's training process
+    # the usage argparse writes, with the arguments passed on after "--"
+    parser.usage = parser.format_usage().removeprefix("usage: ").rstrip().replace("%", "%%") + " -- <grounding-train arguments>"
     args = parser.parse_args(ours)
     if not args.train and not args.out:
         parser.error("--out is required")

@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zero-shot", required=True, help="a checkpoint of the same module, or 'init': the weights it is built with")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS), help="the weights alpha of the fine-tuned model")
     parser.add_argument("--out", required=True, help="folder of the checkpoints, the evaluation runs and the table")
+    # the usage argparse writes, with the benchmarks that follow the options
+    parser.usage = (parser.format_usage().removeprefix("usage: ").rstrip().replace("%", "%%")
+                    + " --eval NAME -- <grounding-eval arguments> [--eval NAME -- ...]")
     return parser
 
 

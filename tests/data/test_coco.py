@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from grounding.data.coco import CocoDetection, collate_detection, detection_transforms, load_coco_detection
-from grounding.data.datamodule import CocoDetectionDataModule
+from grounding.data.detection import CocoDetectionDataModule
 from grounding.data.images import ImageReadError, read_rgb_image
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from grounding.data.concepts import ConceptDataModule, parse_targets, read_targets, write_synthetic_references
-from grounding.data.synthetic import load_meta
+from grounding.data.concepts import ConceptDataModule, parse_targets, read_targets
+from grounding.data.synthetic import load_meta, write_synthetic_references
 
 
 def _write(path, data, as_json=False):

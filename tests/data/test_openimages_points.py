@@ -8,15 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.data.openimages_points import (
-    OpenImagesPointsDataModule,
-    load_openimages_points,
-    read_class_descriptions,
-    synthetic_label_name,
-    write_synthetic_points,
-)
-from grounding.data.region_readers import read_class_names
-from grounding.data.synthetic import images_dir, semantic_dir
+from grounding.data.label_maps import read_class_names
+from grounding.data.openimages_points import OpenImagesPointsDataModule, load_openimages_points, read_class_descriptions
+from grounding.data.synthetic import images_dir, semantic_dir, synthetic_label_name, write_synthetic_points
 
 HEADER = "ImageId,Source,LabelName,X,Y,EstimatedYesNo,YesVotes,NoVotes,UnsureVotes,TextLabel\n"
 CLASSES = 'LabelName,DisplayName\n/m/cat,Cat\n/m/dog,Dog\n/m/tv,"Television, set"\n'

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from grounding.constants import CLIP_MEAN
 from grounding.data.region_views import (
-    CLIP_MEAN,
     crop_box,
     crop_view,
     default_thickness,

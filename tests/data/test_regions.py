@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 
 from grounding.data import synthetic as syn
 from grounding.data.images import ImageReadError
+from grounding.data.label_maps import voc_palette
 from grounding.data.region_readers import (
     LabelMask,
     Region,
@@ -262,7 +263,7 @@ def test_semantic_image_with_only_background_and_ignore_is_a_counted_skip(tmp_pa
     Image.fromarray(label, mode="L").save(labels / "b.png")
     label[10:20, 10:20] = 2
     palette = Image.fromarray(label, mode="L").convert("P")  # palette PNG: values are the indices
-    palette.putpalette(syn.voc_palette())
+    palette.putpalette(voc_palette().ravel().tolist())
     palette.save(labels / "a.png")
     records, _, report = load_semantic_regions(tmp_path, labels, write_classes(tmp_path))
     assert [(r.image_id, [g.region_id for g in r.regions]) for r in records] == [("a", ["a:2"])]

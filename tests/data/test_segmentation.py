@@ -12,19 +12,19 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from grounding.constants import IGNORE_INDEX
 from grounding.data import synthetic as syn
 from grounding.data.images import ImageReadError
-from grounding.data.segmentation import (
-    IGNORE_INDEX,
+from grounding.data.label_maps import voc_palette
+from grounding.data.segmentation import SegmentationDataModule
+from grounding.data.segmentation_readers import (
     VOC_CLASSES,
     VOC_PROMPT_NAMES,
-    SegmentationDataModule,
     load_coco_object,
     load_label_folder,
     load_voc,
     paint_label_map,
 )
-from grounding.visualize import _voc_palette
 
 # pycocotools' decode triggers a numpy-2 DeprecationWarning inside pycocotools itself
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -40,7 +40,7 @@ def save_label_png(path, labels, palette=True):
     """labels (H, W) ints 0..255 -> 'P' PNG with the VOC palette (or 'L' without)."""
     image = Image.fromarray(np.asarray(labels, dtype=np.uint8))
     if palette:
-        image.putpalette(_voc_palette(256).reshape(-1).tolist())
+        image.putpalette(voc_palette(256).reshape(-1).tolist())
     image.save(path)
 
 
@@ -356,3 +356,13 @@ def test_synthetic_format_generates_on_first_use_and_reads_the_semantic_pngs(tmp
         assert torch.equal(sample["labels"], torch.from_numpy(png))
         assert sample["present"] == sorted(set(np.unique(png).tolist()) - {255}) and len(sample["present"]) >= 2
         assert sample["image"].shape == (3, 48, 48)
+
+
+def test_the_parser_lists_the_formats_a_typo_is_not_one_of():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SegmentationDataModule, "data")
+    assert parser.parse_args(["--data.format", "voc"]).data.format == "voc"
+    with pytest.raises(Exception, match=r"data.format[\s\S]*Literal\['voc', 'folder', 'coco_object', 'synthetic'\]. Got value: vocx"):
+        parser.parse_args(["--data.format", "vocx"])

@@ -15,7 +15,6 @@ from grounding.data.segmentation import SegmentationDataModule
 from grounding.lightning.gem_module import GEMPointModule, GEMSegmentationModule
 from grounding.lightning.label_writer import LabelMapWriter
 from grounding.metrics.point_miou import point_counts, point_scores
-from grounding.models.gem import similarity_maps
 
 SMALL = {"depth": 3, "short_side": 64, "log_images": 1}
 
@@ -44,6 +43,11 @@ def test_logged_miou_equals_the_written_label_maps_scored_by_hand(synthetic_root
         iou = tp / (matrix.sum(0) + matrix.sum(1) - tp)
     assert results["test/mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-6)
     assert (Path(trainer.log_dir) / "predictions" / "gem_val_iou.md").is_file()
+    # beside each label PNG, the map over its image with a legend, at a readable size
+    overlays = Path(trainer.log_dir) / "predictions" / "labels_overlays"
+    assert sorted(p.name for p in overlays.iterdir()) == sorted(p.name for p in folder.iterdir())
+    with Image.open(next(overlays.iterdir())) as picture:
+        assert picture.mode == "RGB" and max(picture.size) > 512
 
 
 def test_background_where_the_softmax_of_the_foreground_similarities_is_not_confident():
@@ -58,31 +62,6 @@ def test_background_where_the_softmax_of_the_foreground_similarities_is_not_conf
     no_background = GEMSegmentationModule(**SMALL)
     no_background.set_classes(["wall", "floor"], background_index=None)
     assert no_background.predict_labels(maps).flatten().tolist() == [0, 0, 1]  # arg-max only
-
-
-def test_resized_keeps_the_aspect_with_the_short_side_and_patch_multiples():
-    module = GEMSegmentationModule(**SMALL)
-    patch = module.backbone.patch_size
-    pixels = module.resized(torch.zeros(3, 50, 120, dtype=torch.uint8))
-    assert pixels.shape[-2] == 64 and pixels.shape[-1] == round(120 * 64 / 50 / patch) * patch
-
-
-def test_sliding_windows_average_the_windows_maps():
-    """With one window covering the image the result is the whole-image map; with two overlapping windows a
-    pixel seen by one window only carries that window's map, one seen by both the mean."""
-    module = GEMSegmentationModule(**{**SMALL, "window": 64, "stride": 32})
-    module.set_classes(["background", "red circle", "blue square"], 0)
-    text = module._text
-    pixels = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    out = module._sliding(pixels, text)
-    settings = module._settings()
-    left = similarity_maps(module.backbone, pixels[..., :, 0:64], text, "gem", **settings)[0]
-    right = similarity_maps(module.backbone, pixels[..., :, 32:96], text, "gem", **settings)[0]
-    torch.testing.assert_close(out[..., :32], left[..., :32])
-    torch.testing.assert_close(out[..., 64:], right[..., 32:])
-    torch.testing.assert_close(out[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
-    square = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(module._sliding(square, text), similarity_maps(module.backbone, square, text, "gem", **settings)[0])
 
 
 def test_point_module_logs_the_p_miou_of_its_own_maps(synthetic_root, tmp_path):
@@ -102,10 +81,10 @@ def test_point_module_logs_the_p_miou_of_its_own_maps(synthetic_root, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "lseg"}, r"model.method must be one of gem, plain, maskclip, clipsurgery, got 'lseg'"),
+        ({"method": "lseg"}, r"model.method='lseg' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain'\)"),
         ({"short_side": 60}, r"model.short_side 60 must be a positive multiple of the patch size 16"),
-        ({"window": 64}, r"model.window and model.stride are set together"),
-        ({"window": 64, "stride": 80}, r"model.window \(64\) and model.stride \(80\) must be multiples of the patch size"),
+        ({"window": 64}, r"model.window and stride are set together"),
+        ({"window": 64, "stride": 80}, r"model.window \(64\) and stride \(80\) must be multiples of the patch size"),
         ({"background_threshold": 1.5}, r"model.background_threshold must be in \[0, 1\], got 1.5"),
         ({"depth": 9}, r"depth=9 would modify 8 blocks of a vision tower of 4"),
         ({"template": "a photo"}, r"model.template must hold '\{\}'"),
@@ -114,3 +93,14 @@ def test_point_module_logs_the_p_miou_of_its_own_maps(synthetic_root, tmp_path):
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GEMSegmentationModule(**{**SMALL, **kwargs})
+
+
+def test_the_parser_lists_the_methods_a_typo_is_not_one_of():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(GEMSegmentationModule, "model")
+    with pytest.raises(Exception, match=r"model.method[\s\S]*Literal\['gem', 'plain', 'maskclip', 'clipsurgery'\]. Got value: gems"):
+        parser.parse_args(["--model.method", "gems"])
+    with pytest.raises(Exception, match=r"model.short_side[\s\S]*PositiveInt"):
+        parser.parse_args(["--model.short_side", "0"])

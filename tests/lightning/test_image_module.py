@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from grounding.data.coco import collate_detection
-from grounding.data.datamodule import CocoDetectionDataModule
+from grounding.data.detection import CocoDetectionDataModule
 from grounding.lightning.image_module import ImageGroundingModule
 from grounding.models.adaptive_masking import MaskingConfig
 from grounding.models.denoising import DenoisingConfig
@@ -131,7 +131,9 @@ def test_mask_ratio_follows_the_schedule_of_trainer_progress(trained):
 
 def test_exported_predictions_give_the_logged_ap(trained, synthetic_root):
     trainer, _, _, metrics = trained
-    exported = json.loads((trainer.log_dir and __import__("pathlib").Path(trainer.log_dir) / "predictions" / "val.json").read_text())
+    # the validation after fit is named by the weights' step (the fit's own validations by their epoch)
+    name = f"val_step{trainer.global_step:06d}.json"
+    exported = json.loads((__import__("pathlib").Path(trainer.log_dir) / "predictions" / name).read_text())
     annotation_file = synthetic_root / "annotations" / "instances_val.json"
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(annotation_file))

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from grounding.data.label_maps import voc_palette
 from grounding.lightning import label_writer
 from grounding.lightning.label_writer import LabelMapWriter, RGBImageWriter, write_label_png, write_rgb_png
-from grounding.visualize import _voc_palette
 
 
 def test_write_label_png_reads_back_the_same_labels_and_palette(tmp_path):
     labels = torch.randint(0, 21, (9, 13))
     labels[0] = 255
-    palette = _voc_palette(256)
+    palette = torch.from_numpy(voc_palette(256))
     write_label_png(tmp_path / "x.png", labels, palette)
     with Image.open(tmp_path / "x.png") as image:
         assert image.mode == "P"
@@ -37,8 +37,8 @@ def test_write_label_png_errors_and_keeps_the_old_file_when_writing_fails(tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"label map for {path} holds label 2, outside the palette's 0..1 and not 255")):
         write_label_png(path, torch.tensor([[0, 2]]), torch.zeros(2, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match=re.escape(f"label map for {path} must be (H, W) integers; got (1, 1, 2) float32")):
-        write_label_png(path, np.zeros((1, 1, 2), dtype=np.float32), _voc_palette(256))
-    write_label_png(path, torch.zeros(3, 3, dtype=torch.long), _voc_palette(256))
+        write_label_png(path, np.zeros((1, 1, 2), dtype=np.float32), voc_palette(256))
+    write_label_png(path, torch.zeros(3, 3, dtype=torch.long), voc_palette(256))
     before = path.read_bytes()
 
     def broken_save(self, target, *args, **kwargs):
@@ -48,7 +48,7 @@ def test_write_label_png_errors_and_keeps_the_old_file_when_writing_fails(tmp_pa
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        write_label_png(path, torch.ones(3, 3, dtype=torch.long), _voc_palette(256))
+        write_label_png(path, torch.ones(3, 3, dtype=torch.long), voc_palette(256))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["x.png"]
 
 

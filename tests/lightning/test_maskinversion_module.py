@@ -9,12 +9,14 @@ import torch
 from grounding.data.regions import RegionDataModule
 from grounding.lightning.maskinversion_module import MaskInversionModule
 from grounding.metrics.retrieval import top1_correct
+from grounding.models.maskinversion import MaskInversionSettings
 
 SMALL = {"vision_config": {"num_hidden_layers": 2, "image_size": 64}, "text_config": {"num_hidden_layers": 1}}
 
 
 def _module(**kwargs):
-    settings = {"backbone_config": SMALL, "image_size": 64, "iterations": 3, "log_regions": 2} | kwargs
+    settings = {"backbone_config": SMALL, "image_size": 64, "inversion": MaskInversionSettings(iterations=3),
+                "log_regions": 2} | kwargs
     return MaskInversionModule(**settings)
 
 
@@ -42,7 +44,8 @@ def test_class_protocol_reports_every_method_and_saves_the_embeddings(class_run)
     assert {f"test/acc1_{m}" for m in ("maskinversion", "global", "crop", "masked_crop", "red_circle")} <= set(metrics)
     regions = data.dataset.num_regions
     assert metrics["test/regions"] == regions
-    saved = torch.load(f"{trainer.log_dir}/predictions/maskinversion_val.pt", weights_only=False)
+    saved = torch.load(f"{trainer.log_dir}/predictions/maskinversion_val.pt", weights_only=True)  # plain values only
+    assert saved["settings"]["inversion"]["iterations"] == 3
     assert len(saved["keys"]) == regions == saved["embeddings"].shape[0]
     assert saved["embeddings"].shape[1] == module.backbone.embed_dim
     assert set(saved["baselines"]) == {"global", "crop", "masked_crop", "red_circle"}
@@ -104,10 +107,29 @@ def test_referring_protocol_uses_the_image_expressions(synthetic_root, tmp_path)
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match=r"model.methods must be a non-empty list"):
         _module(methods=["maskinversion", "sam"])
-    with pytest.raises(ValueError, match="model.protocol must be one of"):
-        _module(protocol="captioning")
     with pytest.raises(ValueError, match="model.template must contain"):
         _module(template="a photo")
+    with pytest.raises(ValueError, match=r"model.inversion.mode must be one of \('decomposed', 'naive'\), got 'fast'"):
+        _module(inversion=MaskInversionSettings(mode="fast"))
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model.protocol", "captioning", r"model.protocol[\s\S]*Literal\['class', 'referring'\]. Got value: captioning"),
+        ("--model.methods", "[maskinversion, sam]", r"model.methods[\s\S]*sam"),
+        ("--model.inversion.optimizer", "lbfgs", r"model.inversion.optimizer[\s\S]*Literal\['adamw', 'adam', 'sgd'\]"),
+        ("--model.inversion.iterations", "-2", r"model.inversion.iterations[\s\S]*NonNegativeInt"),
+    ],
+)
+def test_the_parser_rejects_a_setting_outside_its_type(flag, value, message):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(MaskInversionModule, "model")
+    assert parser.parse_args(["--model.inversion.iterations", "4"]).model.inversion.iterations == 4
+    with pytest.raises(Exception, match=message):
+        parser.parse_args([flag, value])
 
 
 def test_predict_returns_and_saves_the_embeddings(synthetic_root, tmp_path):

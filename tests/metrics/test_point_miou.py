@@ -1,5 +1,5 @@
 """p-mIoU: min-max scaling, point-to-pixel rounding, per-class point counts against hand counts, dataset-level
-accumulation, classes without points ignored, duplicated images counted once, and a 2-process gloo sync."""
+accumulation, classes without points ignored, and a 2-process gloo sync over the evaluation sampler's shares."""
 
 import math
 import re
@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grounding.metrics.point_miou import PointMIoU, first_occurrences, min_max_scale, point_counts, point_pixels
+from grounding.data.sampling import evaluation_sampler
+from grounding.metrics.point_miou import PointMIoU, min_max_scale, point_counts, point_pixels
 
 
 # ------------------------------------------------------------------------------------- pure functions
@@ -71,14 +72,14 @@ def test_point_counts_errors():
 # ------------------------------------------------------------------------------------- the metric
 def test_metric_accumulates_counts_per_class_over_images_then_averages():
     metric = PointMIoU(10)
-    metric.update(*_image(), image_id="first")
+    metric.update(*_image())
     # a second image: class 2 only, a map of one hot pixel; one positive on it, one negative off it
     hot = torch.zeros(1, 3, 4)
     hot[0, 1, 1] = 1.0
-    metric.update(hot, [2], torch.tensor([[1.5, 1.5], [3.0, 0.0]]), torch.tensor([2, 2]), torch.tensor([1, 0]), image_id="second")
+    metric.update(hot, [2], torch.tensor([[1.5, 1.5], [3.0, 0.0]]), torch.tensor([2, 2]), torch.tensor([1, 0]))
     # a third: class 4 has a map but no point; class 9 has only a negative point outside its mask
     maps = torch.stack([torch.rand(3, 4), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])])
-    metric.update(maps, [4, 9], torch.tensor([[3.5, 2.5]]), torch.tensor([9]), torch.tensor([0]), image_id="third")
+    metric.update(maps, [4, 9], torch.tensor([[3.5, 2.5]]), torch.tensor([9]), torch.tensor([0]))
     scores = metric.compute()
     # class 7: TP 2, FP 1, FN 1 -> 2 / 4; class 2: TP 1 + 1, FP 0, FN 1 -> 2 / 3 (summed, not averaged per image)
     assert scores["TP"][[7, 2]].tolist() == [2, 2] and scores["FN"][[7, 2]].tolist() == [1, 1]
@@ -87,19 +88,13 @@ def test_metric_accumulates_counts_per_class_over_images_then_averages():
     assert scores["p-mIoU"].item() == pytest.approx((0.5 + 2 / 3) / 2)
 
 
-def test_a_repeated_image_id_counts_once_and_unkeyed_updates_always_count():
-    keyed, unkeyed = PointMIoU(8), PointMIoU(8)
+def test_every_update_counts_and_a_class_outside_the_range_is_named():
+    metric = PointMIoU(8)
     for _ in range(3):
-        keyed.update(*_image(), image_id="same")
-        unkeyed.update(*_image())
-    assert keyed.compute()["TP"][7].item() == 2
-    assert unkeyed.compute()["TP"][7].item() == 6
+        metric.update(*_image())
+    assert metric.compute()["TP"][7].item() == 6  # 2 per image
     with pytest.raises(ValueError, match=re.escape("class 7 is outside [0, 5)")):
         PointMIoU(5).update(*_image())
-
-
-def test_first_occurrences():
-    assert first_occurrences(torch.tensor([5, 3, 5, 9, 3])).tolist() == [True, True, False, True, False]
 
 
 # ------------------------------------------------------------------------------------- 2 processes
@@ -112,19 +107,18 @@ def _random_image(seed):
 
 
 IMAGES = {name: _random_image(seed) for seed, name in enumerate("abcde")}
-#: "a" is seen by both processes, as a DistributedSampler pads its last batch
-RANK_IMAGES = (["a", "b", "c"], ["d", "e", "a"])
 
 
 def _worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
+        names = list(IMAGES)
         metric = PointMIoU(6)
-        for name in RANK_IMAGES[rank]:
-            metric.update(*IMAGES[name], image_id=name)
-        idle = PointMIoU(6)  # only rank 0 updates: rank 1's empty states must gather too
+        for index in evaluation_sampler(names):  # what an evaluation loader gives this process
+            metric.update(*IMAGES[names[index]])
+        idle = PointMIoU(6)  # only rank 0 updates: rank 1's zero state must gather too
         if rank == 0:
-            idle.update(*IMAGES["b"], image_id="b")
+            idle.update(*IMAGES["b"])
         results = (metric.compute(), idle.compute())
         if rank == 0:
             torch.save(results, out_file)
@@ -133,7 +127,7 @@ def _worker(rank, init_file, out_file):
 
 
 @pytest.mark.slow
-def test_two_process_sync_counts_the_duplicated_image_once(tmp_path):
+def test_two_process_sync_over_the_evaluation_shares_equals_one_process(tmp_path):
     # spawned, not forked: a fork of a process whose OpenMP / gloo threads already ran can deadlock
     args = (str(tmp_path / "init"), str(tmp_path / "out.pt"))
     mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")

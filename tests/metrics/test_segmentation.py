@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from grounding.data.sampling import evaluation_sampler
 from grounding.metrics.segmentation import (
     SegmentationMetric,
     accuracy_from_confusion,
@@ -79,23 +80,16 @@ def test_scores_equal_loops_and_absent_classes_are_nan():
     assert not math.isnan(scores["mIoU"].item())  # the NaN classes are left out of the means
 
 
-def test_metric_counts_an_image_once_by_id_and_batches_equal_single_updates():
+def test_metric_sums_the_images_and_batches_equal_single_updates():
     maps = [random_maps(seed) for seed in range(4)]
     union = sum(loop_confusion(p.numpy(), t.numpy()) for p, t in maps)
-    keyed = SegmentationMetric(C)
-    keyed.update(torch.stack([p for p, _ in maps[:2]]), torch.stack([t for _, t in maps[:2]]), ["a", "b"])
-    keyed.update(maps[2][0], maps[2][1], ["c"])
-    keyed.update(maps[1][0], maps[1][1], ["b"])  # a repeat of b, counted once
-    keyed.update(maps[3][0], maps[3][1], [7])
-    assert np.array_equal(keyed.confusion().numpy(), union)
-    unkeyed = SegmentationMetric(C)
-    for pred, target in maps:
-        unkeyed.update(pred, target)
-    assert np.array_equal(unkeyed.confusion().numpy(), union)
-    unkeyed.update(*maps[0])  # without ids nothing is deduplicated
-    assert np.array_equal(unkeyed.confusion().numpy(), union + loop_confusion(maps[0][0].numpy(), maps[0][1].numpy()))
+    batched = SegmentationMetric(C)
+    batched.update(torch.stack([p for p, _ in maps[:2]]), torch.stack([t for _, t in maps[:2]]))
+    for pred, target in maps[2:]:
+        batched.update(pred, target)
+    assert np.array_equal(batched.confusion().numpy(), union)
     _, _, miou, _, _ = loop_scores(union)
-    assert keyed.compute()["mIoU"].item() == pytest.approx(miou)
+    assert batched.compute()["mIoU"].item() == pytest.approx(miou)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -110,8 +104,8 @@ def test_bad_inputs_are_clear_errors():
         confusion_matrix(torch.where(target == 255, 0, 4), target, C)
     with pytest.raises(ValueError, match=re.escape("label maps must hold integer class indices; got torch.float32 and torch.int64")):
         confusion_matrix(pred.float(), target, C)
-    with pytest.raises(ValueError, match=re.escape("2 image ids for 1 label maps")):
-        SegmentationMetric(C).update(pred, target, ["a", "b"])
+    with pytest.raises(ValueError, match=re.escape("label maps must be (H, W) or (B, H, W); got (9,) and (9,)")):
+        SegmentationMetric(C).update(pred[0], target[0])
 
 
 def test_format_iou_table():
@@ -126,22 +120,24 @@ def test_format_iou_table():
 
 # ------------------------------------------------------------------------------------- 2 processes
 IMAGES = {name: random_maps(seed) for seed, name in enumerate("abcde")}
-#: rank 0 and rank 1's images: "a" is seen by both (as a DistributedSampler pads), rank 1 has one more
-RANK_IMAGES = (["a", "b", "c"], ["d", "e", "a"])
 
 
 def _worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
+        names = list(IMAGES)
+        share = [names[i] for i in evaluation_sampler(names)]  # what an evaluation loader gives this process
         metric = SegmentationMetric(C)
-        for name in RANK_IMAGES[rank]:
-            metric.update(*IMAGES[name], [name])
-        idle = SegmentationMetric(C)  # only rank 0 updates: rank 1's empty states must gather too
+        for name in share:
+            metric.update(*IMAGES[name])
+        idle = SegmentationMetric(C)  # only rank 0 updates: rank 1's zero state must gather too
         if rank == 0:
-            idle.update(*IMAGES["b"], ["b"])
+            idle.update(*IMAGES["b"])
         results = (metric.compute(), idle.compute())
+        shares = [None, None]
+        dist.all_gather_object(shares, share)
         if rank == 0:
-            torch.save(results, out_file)
+            torch.save((*results, shares), out_file)
     finally:
         dist.destroy_process_group()
 
@@ -152,7 +148,8 @@ def test_two_process_sync_equals_one_process_over_the_union(tmp_path):
     # in the full suite); the workers import this module afresh (slower, ~15 s)
     args = (str(tmp_path / "init"), str(tmp_path / "out.pt"))
     mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
-    synced, idle = torch.load(tmp_path / "out.pt")
+    synced, idle, shares = torch.load(tmp_path / "out.pt")
+    assert shares == [["a", "c", "e"], ["b", "d"]]  # every image on one process, none repeated
     union = sum(loop_confusion(IMAGES[n][0].numpy(), IMAGES[n][1].numpy()) for n in "abcde")
     iou, acc, miou, macc, aacc = loop_scores(union)
     np.testing.assert_allclose(synced["IoU"].numpy(), iou)

@@ -4,9 +4,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from grounding.data.synthetic import COLOUR_RGB, REFERRING_WORDS, SHAPE_NAMES
+from grounding.data.synthetic import COLOUR_RGB, REFERRING_WORDS, SHAPE_NAMES, vocabulary_words
 from grounding.models.clip_tokenizer import (
+    COMMON_WORDS,
     DEFAULT_WORDS,
+    PROMPT_TEMPLATES,
+    SYNTHETIC_WORDS,
     bpe_vocabulary,
     build_clip_tokenizer,
     bytes_to_unicode,
@@ -156,3 +159,31 @@ def test_built_in_memory_writes_nothing_and_equals_the_saved_one(tmp_path, monke
     texts = ["a photo of a red circle.", "zebra café", "the second largest blue star"]
     assert in_memory(texts, padding=True)["input_ids"] == tokenizer(texts, padding=True)["input_ids"]
     assert backbone.tokenizer(texts, padding=True)["input_ids"] == tokenizer(texts, padding=True)["input_ids"]
+
+
+def test_the_written_out_synthetic_words_are_the_datasets_and_cover_what_it_writes(synthetic_root):
+    assert SYNTHETIC_WORDS == vocabulary_words()
+    refs = json.loads((synthetic_root / "refs_val.json").read_text())
+    categories = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())["categories"]
+    written = {word for ref in refs for sentence in ref["sentences"] for word in sentence["sent"].split()}
+    written |= {word for category in categories for word in category["name"].split()}
+    assert written and written <= set(SYNTHETIC_WORDS)
+
+
+def test_the_tiny_clip_keeps_its_vocabulary_token_ids_and_random_weights():
+    """The values of the tiny model as the configs and benchmarks have always built it: a change of its words
+    would move token ids and, through the vocabulary size, every random weight drawn after the embedding."""
+    from grounding.models.clip import build_clip
+
+    backbone = build_clip("tiny", image_size=32)
+    tokenizer = backbone.tokenizer
+    assert len(tokenizer) == 1231
+    assert tokenizer("the second largest blue star left of a photo")["input_ids"] == [
+        1229, 1054, 1199, 1211, 1071, 1120, 1092, 958, 320, 1160, 1230]
+    supplied = build_clip_tokenizer(words=vocabulary_words() + PROMPT_TEMPLATES + COMMON_WORDS)
+    assert supplied.get_vocab() == tokenizer.get_vocab()
+    embedding = backbone.model.text_model.embeddings.token_embedding.weight
+    red = tokenizer.get_vocab()["red</w>"]
+    assert red == 1044
+    torch.testing.assert_close(embedding[red, :4], torch.tensor([0.0089230603, 0.0048075700, 0.0119362492, 0.0375802778]))
+    torch.testing.assert_close(backbone.model.visual_projection.weight[0, :3], torch.tensor([-0.1024862230, -0.1151559055, -0.2365349233]))

@@ -187,7 +187,7 @@ def test_hooks_and_settings_are_restored_also_after_an_error(model_and_prompt):
 def test_every_parameter_of_the_module_gets_a_gradient_with_denoising(synthetic_root):
     """DDP without find_unused_parameters: the label table too, also on a batch without any box."""
     from grounding.data.coco import collate_detection
-    from grounding.data.datamodule import CocoDetectionDataModule
+    from grounding.data.detection import CocoDetectionDataModule
 
     torch.manual_seed(0)
     module = ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=20))
@@ -219,7 +219,7 @@ def test_bad_settings_are_named(kwargs, message):
 
 def test_number_zero_builds_no_denoiser_and_trains_as_before(synthetic_root):
     from grounding.data.coco import collate_detection
-    from grounding.data.datamodule import CocoDetectionDataModule
+    from grounding.data.detection import CocoDetectionDataModule
 
     losses = []
     for denoising in (None, DenoisingConfig(number=0)):

@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from grounding.models.clip import build_clip
 from grounding.models.gem import (
     GEM,
+    DenseSimilarity,
     adaptive_inverse_temperature,
     class_text_embeddings,
+    labels_with_background,
+    resize_to_short_side,
     self_self_attention,
     similarity_maps,
+    sliding_window_maps,
+    window_starts,
 )
 
 #: native size 64 px (a 4x4 grid) so that transformers' own forward runs at the same size as ours
@@ -238,3 +243,59 @@ def test_fused_self_self_output_equals_the_map_times_the_values(iterations):
     beta = torch.tensor([1.5, 4.0], dtype=torch.float64)
     expected = torch.matmul(self_self_attention(stream, beta, iterations), value)
     torch.testing.assert_close(self_self_output(stream, value, beta, iterations), expected, rtol=0, atol=1e-12)
+
+
+def test_resize_to_short_side_keeps_the_aspect_with_patch_multiples():
+    backbone = build_clip("tiny")
+    patch = backbone.patch_size
+    pixels = resize_to_short_side(backbone, torch.zeros(3, 50, 120, dtype=torch.uint8), 64)
+    assert pixels.shape[-2] == 64 and pixels.shape[-1] == round(120 * 64 / 50 / patch) * patch
+    # a black image is (0 - mean) / std in every channel
+    torch.testing.assert_close(pixels[0, :, 0, 0], (-backbone.mean / backbone.std).flatten())
+
+
+def test_window_starts_cover_the_side_with_the_last_window_flush():
+    assert window_starts(64, 64, 32) == [0]
+    assert window_starts(96, 64, 32) == [0, 32]
+    assert window_starts(100, 64, 32) == [0, 32, 36]
+
+
+def test_sliding_windows_average_the_windows_maps():
+    """With one window covering the image the result is the whole-image map; with two overlapping windows a
+    pixel seen by one window only carries that window's map, one seen by both the mean."""
+    backbone = build_clip("tiny")
+    text = class_text_embeddings(backbone, ["background", "red circle", "blue square"])
+    settings = {"depth": 3, "iterations": 1, "temperature": None}
+    pixels = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    out = sliding_window_maps(backbone, pixels, text, "gem", 64, 32, **settings)
+    left = similarity_maps(backbone, pixels[..., :, 0:64], text, "gem", **settings)[0]
+    right = similarity_maps(backbone, pixels[..., :, 32:96], text, "gem", **settings)[0]
+    torch.testing.assert_close(out[..., :32], left[..., :32])
+    torch.testing.assert_close(out[..., 64:], right[..., 32:])
+    torch.testing.assert_close(out[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
+    square = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sliding_window_maps(backbone, square, text, "gem", 64, 32, **settings),
+                               similarity_maps(backbone, square, text, "gem", **settings)[0])
+
+
+def test_dense_similarity_is_the_resized_map_brought_back_to_the_image_size():
+    """An image of any size: resized to its short side, mapped, upsampled back; names or embeddings alike."""
+    backbone = build_clip("tiny")
+    names = ["red circle", "blue square"]
+    dense = DenseSimilarity(backbone, "gem", depth=3, short_side=64)
+    image = (torch.rand(3, 50, 77, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    maps = dense(image, names)
+    pixels = resize_to_short_side(backbone, image, 64)
+    resized = similarity_maps(backbone, pixels, class_text_embeddings(backbone, names), "gem", depth=3)  # (1, C, 64, 96)
+    expected = F.interpolate(resized, size=(50, 77), mode="bilinear", align_corners=False)[0]
+    assert maps.shape == (2, 50, 77)
+    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(dense(image, dense.text(names)), maps)
+    with pytest.raises(ValueError, match=r"image must be \(3, H, W\), got \(50, 77\)"):
+        dense(image[0], names)
+
+
+def test_labels_with_background_follow_the_softmax_confidence():
+    maps = torch.tensor([[[0.30, 0.201, 0.10]], [[0.10, 0.200, 0.30]]])  # (C_fg=2, 1, 3)
+    assert labels_with_background(maps, [1, 2], 0).flatten().tolist() == [1, 0, 2]
+    assert labels_with_background(maps, [0, 1], None).flatten().tolist() == [0, 0, 1]

@@ -1,7 +1,7 @@
-"""MIMIC's loss terms against direct loop computations, the label alignment, the hooks and the statistics cache."""
+"""MIMIC's loss terms against direct loop computations, the label alignment, the hooks, the statistics cache and the
+synthesis loop without Lightning."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +24,6 @@ from grounding.models.mimic import (
     build_sequence,
     build_vlm,
     clamp_pixels,
-    exact_match,
     expand_image_tokens,
     feature_statistics_loss,
     jitter_flip,
@@ -33,7 +32,6 @@ from grounding.models.mimic import (
     reference_statistics,
     statistics_cache_key,
     synthesize,
-    token_f1,
     token_statistics,
     tv_losses,
     vision_tower,
@@ -50,7 +48,7 @@ def vlm():
 
 def _hooks(module):
     """MIMIC's hooks on ``module`` (transformers keeps and lazily adds hooks of its own: not counted)."""
-    return sum(getattr(hook, "__module__", None) == "grounding.models.mimic"
+    return sum(str(getattr(hook, "__module__", None)).startswith("grounding.models.mimic.")
                for m in module.modules() for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
@@ -99,8 +97,9 @@ def test_bn_prior_equals_a_channel_loop_with_the_first_layer_times_ten():
     pixels = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     prior = BatchNormPrior(cnn, first_multiplier=10.0)
     loss, logits = prior(pixels)
-    x = (pixels - torch.tensor(mimic.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
-        mimic.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the CNN's input normalization
+    x = (pixels - torch.tensor(imagenet_mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+        imagenet_std, dtype=torch.float64).view(3, 1, 1)
     want, first = 0.0, True
     for layer in cnn.features:
         if isinstance(layer, nn.BatchNorm2d):
@@ -124,7 +123,7 @@ def test_bn_prior_on_a_random_resnet18_weights_its_first_layer_ten_times():
     pixels = torch.rand(2, 3, 32, 32)
     ten, _ = BatchNormPrior(cnn, 10.0)(pixels)
     one, _ = BatchNormPrior(cnn, 1.0)(pixels)
-    x = mimic.from_unit(pixels, mimic.IMAGENET_MEAN, mimic.IMAGENET_STD)
+    x = mimic.from_unit(pixels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     first = bn_layer_loss(cnn.conv1(x), cnn.bn1)
     assert float(ten - one) == pytest.approx(9 * float(first), rel=1e-4)
     assert _hooks(cnn) == 0
@@ -260,7 +259,7 @@ def test_reference_statistics_are_exact_cached_atomically_and_reloaded(vlm, tmp_
     def fail(*args, **kwargs):
         raise AssertionError("recomputed instead of read from the cache")
 
-    monkeypatch.setattr(mimic, "compute_reference_statistics", fail)
+    monkeypatch.setattr(mimic.statistics, "compute_reference_statistics", fail)
     again = reference_statistics(vlm, folder, cache)
     assert len(again) == len(first)
     for (m, v), (m2, v2) in zip(first, again):
@@ -304,53 +303,43 @@ def test_a_tiny_run_lowers_the_answer_loss(vlm):
     assert float(final) < sce[0] - 0.03
 
 
-def test_settings_and_weights_are_checked():
-    with pytest.raises(ValueError, match=r"^weight bn must be a finite number >= 0, got -1$"):
-        MimicWeights(bn=-1)
-    with pytest.raises(ValueError, match=r"^need lr > 0 and 0 <= lr_min <= lr, got lr=0.1, lr_min=0.2$"):
-        SynthesisSettings(lr=0.1, lr_min=0.2)
+def test_a_learning_rate_floor_above_the_start_is_named(vlm):
+    settings = SynthesisSettings(lr=0.1, lr_min=0.2)
+    message = (r"^synthesis.lr_min must be at most the starting lr \(the cosine runs from lr down to lr_min\), "
+               r"got lr=0.1, lr_min=0.2$")
+    with pytest.raises(ValueError, match=message):
+        settings.check()
+    with pytest.raises(ValueError, match=message):
+        synthesize(MimicObjective(vlm, SCE_ONLY), "What is in the image?", "a red circle", settings)
+    assert SynthesisSettings(lr=0.1, lr_min=0.1).check().lr_min == 0.1
 
 
-# ------------------------------------------------------------------------------------- metrics
-def test_exact_match_and_token_f1():
-    assert exact_match("A goldfish.", "a goldfish") == 1.0
-    assert exact_match("goldfish bowl", "a goldfish") == 0.0
-    assert token_f1("a red red circle", "the red square") == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
-    assert token_f1("", "") == 1.0 and token_f1("blue", "red") == 0.0
+def test_the_synthesis_runs_without_lightning_and_is_seeded_by_its_generator():
+    """The plain-function path (the package docstring's example): a fresh tiny VLM, no Trainer; the same
+    generator seed gives the same images, another seed other images."""
+    vlm = build_vlm("tiny")
+    objective = MimicObjective(vlm, MimicWeights(), BatchNormPrior(build_cnn("tiny")))
+    settings = SynthesisSettings(iterations=3, jitter=2, samples_per_target=2)
+    runs = [synthesize(objective, "What is in the image?", "a red circle", settings,
+                       generator=torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert runs[0].images.shape == (2, 3, 64, 64) and len(runs[0].history) == 3
+    assert set(runs[0].history[0]) == {"sce", "bn", "patch", "tv_l1", "tv_l2", "l2", "total"}  # no references: no L_base
+    assert torch.equal(runs[0].images, runs[1].images) and not torch.equal(runs[0].images, runs[2].images)
+    # the returned images are the optimized normalized values mapped back to [0, 1]
+    mean, std = torch.tensor(vlm.mean).view(3, 1, 1), torch.tensor(vlm.std).view(3, 1, 1)
+    assert torch.allclose(runs[0].images, (runs[0].normalized * std + mean).clamp(0, 1))
+    weighted = sum(getattr(MimicWeights(), name) * value for name, value in runs[0].history[-1].items() if name != "total")
+    assert runs[0].history[-1]["total"] == pytest.approx(weighted, rel=1e-5)
 
 
-def test_clip_score_equals_the_cosine_of_the_clip_embeddings():
-    from grounding.models.clip import build_clip
+def test_the_moved_metrics_still_import_from_here_with_a_warning():
+    from grounding.metrics.answers import exact_match
 
-    clip = build_clip("tiny", image_size=32)
-    images = torch.rand(2, 3, 40, 40)
-    scores = mimic.clip_score(clip, images, ["a red circle", "a blue square"])
-    with torch.no_grad():
-        for i, text in enumerate(["a red circle", "a blue square"]):
-            a = clip.encode_image(clip.preprocess(images[i]))[0]
-            b = clip.encode_text([text])[0]
-            cosine = float(a @ b / (a.norm() * b.norm()))
-            assert float(scores[i]) == pytest.approx(100 * max(cosine, 0.0), abs=1e-4)
-
-
-def test_lpips_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lpips", None)
-    with pytest.raises(ImportError, match=r"^LPIPS diversity needs the optional package lpips: pip install lpips "
-                                          r"\(or leave model.lpips_diversity false\)$"):
-        mimic.load_lpips()
-
-
-def test_lpips_diversity_is_the_mean_pairwise_distance():
-    pytest.importorskip("lpips")
-    distance = mimic.load_lpips(pretrained_backbone=False)
-    images = torch.rand(3, 3, 32, 32)
-    same = mimic.lpips_diversity(distance, images[:1].expand(2, -1, -1, -1))
-    assert same == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        pairs = [float(distance(images[i:i + 1] * 2 - 1, images[j:j + 1] * 2 - 1)) for i, j in ((0, 1), (0, 2), (1, 2))]
-    assert mimic.lpips_diversity(distance, images) == pytest.approx(np.mean(pairs), rel=1e-5)
-    with pytest.raises(ValueError, match=r"^LPIPS diversity needs at least 2 samples"):
-        mimic.lpips_diversity(distance, images[:1])
+    with pytest.warns(DeprecationWarning, match=r"^grounding.models.mimic.exact_match moved to "
+                                                r"grounding.metrics.answers.exact_match$"):
+        assert mimic.exact_match is exact_match
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        mimic.no_such_name  # noqa: B018
 
 
 def test_tiny_cnn_and_its_running_statistics_are_seeded():

@@ -42,15 +42,21 @@ the (rounded) polygon, so a polygon decodes exactly to the annotated mask.
 Referring expressions use the category words plus the fixed vocabulary :data:`REFERRING_WORDS`;
 the rules that make each word true are documented in :func:`describe_object`.
 
+Other formats are derived from it on first use, by the DataModules that read them:
+``openimages_points/<split>/`` (OpenImages V7 point labels, :func:`write_synthetic_points`) and
+``mimic_references/<split>/<category>/`` (MIMIC's reference crops, :func:`write_synthetic_references`).
+
 Package layout (one concern per module; every public name is re-exported here):
 
-    config.py     SyntheticConfig and its validation, colour/shape/word tables, categories, paths
-    geometry.py   shape outlines, rotation, rasterisation, mask boxes and RLE
-    scene.py      backgrounds, object colours, placement (sample_scene) and painting (render_image)
-    semantic.py   VOC palette, ignore band and semantic label maps
-    referring.py  referring-expression rules (describe_object) and PhraseCut tasks
-    writer.py     writing splits / the dataset / meta.json; generate, ensure_synthetic, ...
-    cli.py        the command line (``python -m grounding.data.synthetic``, via __main__.py)
+    config.py      SyntheticConfig and its validation, colour/shape/word tables, categories, paths
+    geometry.py    shape outlines, rotation, rasterisation, mask boxes and RLE
+    scene.py       backgrounds, object colours, placement (sample_scene) and painting (render_image)
+    semantic.py    ignore band and semantic label maps (drawn in grounding.data.label_maps' VOC palette)
+    referring.py   referring-expression rules (describe_object) and PhraseCut tasks
+    writer.py      writing splits / the dataset / meta.json; generate, ensure_synthetic, ...
+    points.py      the label maps as OpenImages V7 point labels (write_synthetic_points)
+    references.py  MIMIC's reference crops of each category (write_synthetic_references)
+    cli.py         the command line (``python -m grounding.data.synthetic``, via __main__.py)
 """
 
 from .cli import build_arg_parser, main
@@ -72,6 +78,7 @@ from .config import (
     refs_json_path,
     semantic_dir,
     validate_config,
+    vocabulary_words,
 )
 from .geometry import (
     SUPERSAMPLE,
@@ -95,8 +102,10 @@ from .referring import (
     describe_object,
     phrasecut_tasks,
 )
+from .points import PointFiles, points_dir, sample_label_points, synthetic_label_name, write_synthetic_points
+from .references import category_folder, references_dir, write_synthetic_references
 from .scene import SceneObject, jitter_colour, render_background, render_image, sample_scene
-from .semantic import label_boundary_band, semantic_label_map, voc_palette
+from .semantic import label_boundary_band, semantic_label_map
 from .writer import check_meta, ensure_synthetic, generate, image_rng, load_meta, prepare_synthetic
 
 __all__ = [
@@ -104,20 +113,23 @@ __all__ = [
     "COLOUR_RGB", "GENERATOR_VERSION", "REFERRING_WORDS", "SHAPE_NAMES", "SPLITS", "SyntheticConfig",
     "category_names", "coco_categories", "image_file_name", "images_dir", "instances_path",
     "phrasecut_dir", "refcoco_dir", "referring_vocabulary", "refs_json_path", "semantic_dir",
-    "validate_config",
+    "validate_config", "vocabulary_words",
     # geometry
     "SUPERSAMPLE", "mask_bbox", "mask_to_uncompressed_rle", "polygon_coverage", "rasterize_polygon",
     "rotate_points", "shape_outline",
     # scene
     "SceneObject", "jitter_colour", "render_background", "render_image", "sample_scene",
     # semantic
-    "label_boundary_band", "semantic_label_map", "voc_palette",
+    "label_boundary_band", "semantic_label_map",
     # referring
     "LARGE_SIDE_FRAC", "ORDINAL_WORDS", "POSITION_MARGIN_FRAC", "SIZE_RATIO", "SMALL_SIDE_FRAC",
     "absolute_phrase", "box_centre", "choose_sentences", "clear_rank", "describe_object",
     "phrasecut_tasks",
     # writer
     "check_meta", "ensure_synthetic", "generate", "image_rng", "load_meta", "prepare_synthetic",
+    # derived formats
+    "PointFiles", "points_dir", "sample_label_points", "synthetic_label_name", "write_synthetic_points",
+    "category_folder", "references_dir", "write_synthetic_references",
     # command line
     "build_arg_parser", "main",
 ]

@@ -184,6 +184,14 @@ def referring_vocabulary(config: SyntheticConfig) -> list[str]:
     return sorted(set(REFERRING_WORDS) | set(config.colours) | set(config.shapes))
 
 
+def vocabulary_words() -> tuple[str, ...]:
+    """Return every word the dataset can write, whatever colours and shapes a config picks: the known colour
+    names, the known shape names, then the other referring-expression words (category names are
+    ``"<colour> <shape>"``). The offline CLIP tokenizer (``grounding.models.clip_tokenizer.SYNTHETIC_WORDS``)
+    makes each of them one token."""
+    return tuple(dict.fromkeys((*COLOUR_RGB, *SHAPE_NAMES, *REFERRING_WORDS)))
+
+
 # --------------------------------------------------------------------------------------------
 # paths of the layout
 # --------------------------------------------------------------------------------------------

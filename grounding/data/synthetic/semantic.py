@@ -1,26 +1,13 @@
-"""Semantic label maps: the VOC palette, the ignore band around boundaries and the per-image
-label map written as ``semantic/<split>/{image_id:06d}.png``."""
+"""Semantic label maps: the ignore band around boundaries and the per-image label map written as
+``semantic/<split>/{image_id:06d}.png`` (in the VOC palette of ``grounding.data.label_maps``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from grounding.constants import IGNORE_INDEX
+
 from .scene import SceneObject
-
-
-def voc_palette() -> list[int]:
-    """Return the 768-entry PASCAL VOC colour map (index bits spread over the RGB high bits)."""
-    palette = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette.extend([red, green, blue])
-    return palette
 
 
 def label_boundary_band(labels: np.ndarray, radius: int) -> np.ndarray:
@@ -39,9 +26,9 @@ def label_boundary_band(labels: np.ndarray, radius: int) -> np.ndarray:
 
 def semantic_label_map(scene: list[SceneObject], image_size: int, border_px: int) -> np.ndarray:
     """Return the uint8 (S, S) VOC-style label map: 0 background, category id of the visible
-    object, 255 on the ``border_px`` band around every object boundary."""
+    object, IGNORE_INDEX (255) on the ``border_px`` band around every object boundary."""
     labels = np.zeros((image_size, image_size), dtype=np.uint8)
     for obj in scene:
         labels[obj.visible] = obj.category_id
-    labels[label_boundary_band(labels, border_px)] = 255
+    labels[label_boundary_band(labels, border_px)] = IGNORE_INDEX
     return labels

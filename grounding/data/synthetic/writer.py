@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from grounding.data.label_maps import voc_palette
+
 from .config import (
     GENERATOR_VERSION,
     SPLITS,
@@ -35,7 +37,7 @@ from .config import (
 from .geometry import mask_bbox, mask_to_uncompressed_rle
 from .referring import choose_sentences, describe_object, phrasecut_tasks
 from .scene import SceneObject, render_image, sample_scene
-from .semantic import semantic_label_map, voc_palette
+from .semantic import semantic_label_map
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def _write_split(
     names = category_names(config)
     images_dir(root, split).mkdir(parents=True, exist_ok=True)
     semantic_dir(root, split).mkdir(parents=True, exist_ok=True)
-    palette = voc_palette()
+    palette = voc_palette().ravel().tolist()
     images, annotations, refs = [], [], []
     for index in range(config.split_size(split)):
         rng = image_rng(config.seed, split, index)
