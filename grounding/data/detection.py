@@ -14,6 +14,7 @@ never skip: every image they hold is scored (``check_images`` reads them up fron
 
 from __future__ import annotations
 
+from typing import Literal
 import json
 import logging
 from pathlib import Path
@@ -84,9 +85,9 @@ class CocoDetectionDataModule(L.LightningDataModule):
         shots_per_category: int | None = None,
         subset_seed: int = 0,
         return_masks: bool = False,
-        split: str = "val",
-        invalid_boxes: str = "skip",
-        check_images: str = "eval",
+        split: Literal["val", "test"] = "val",
+        invalid_boxes: Literal["skip", "error"] = "skip",
+        check_images: Literal["none", "eval", "all"] = "eval",
         seed: int = 0,
         max_bad_images: int = 10,
     ):

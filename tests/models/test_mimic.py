@@ -332,16 +332,6 @@ def test_the_synthesis_runs_without_lightning_and_is_seeded_by_its_generator():
     assert runs[0].history[-1]["total"] == pytest.approx(weighted, rel=1e-5)
 
 
-def test_the_moved_metrics_still_import_from_here_with_a_warning():
-    from grounding.metrics.answers import exact_match
-
-    with pytest.warns(DeprecationWarning, match=r"^grounding.models.mimic.exact_match moved to "
-                                                r"grounding.metrics.answers.exact_match$"):
-        assert mimic.exact_match is exact_match
-    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        mimic.no_such_name  # noqa: B018
-
-
 def test_tiny_cnn_and_its_running_statistics_are_seeded():
     a, b = build_cnn("tiny"), build_cnn("tiny")
     assert isinstance(a, TinyBNCNN) and not a.training

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 GENERATOR_VERSION = 1
 """Bumped whenever the generated content changes for the same settings."""
@@ -82,7 +82,7 @@ class SyntheticConfig:
     min_visible_frac: float = 0.5
     max_rotation_deg: float = 15.0
     max_sentences: int = 3
-    image_format: str = "jpg"
+    image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = 95
     semantic_border_px: int = 1
     seed: int = 0

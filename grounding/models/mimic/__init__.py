@@ -98,27 +98,6 @@ from .vlm import (
     vlm_logits,
 )
 
-#: the metrics that moved to ``grounding.metrics``: still importable from here (with a DeprecationWarning)
-_MOVED = {
-    "normalize_answer": "grounding.metrics.answers",
-    "exact_match": "grounding.metrics.answers",
-    "token_f1": "grounding.metrics.answers",
-    "clip_score": "grounding.metrics.image_scores",
-    "load_lpips": "grounding.metrics.image_scores",
-    "lpips_diversity": "grounding.metrics.image_scores",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(f"grounding.models.mimic.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AdamBeta", "BatchNormPrior", "FeatureStatistics", "IGNORE_LABEL", "IMAGENET_MEAN", "IMAGENET_STD",
     "IMAGE_SUFFIXES", "LLAVA_7B_VLM", "LLAVA_PROMPT_TEMPLATE", "MimicObjective", "MimicWeights", "PriorSettings",
