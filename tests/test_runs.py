@@ -86,31 +86,36 @@ def test_ddp_training_on_two_processes_equals_one_process_with_the_same_global_b
         assert two["trained"][name] == pytest.approx(one["trained"][name], abs=1e-6)
 
 
-def initial_weights(model_config=NO_DROPOUT, **kwargs):
+def initial_weights(model_config=NO_DROPOUT, model="tiny", **kwargs):
     """The weights the runs start from: the CLI seeds everything with 0, then builds the model."""
     import lightning as L
 
     from grounding.lightning.image_module import ImageGroundingModule
 
     L.seed_everything(0, verbose=False)
-    return ImageGroundingModule(model="tiny", model_config=model_config, **kwargs).state_dict()
+    return ImageGroundingModule(model=model, model_config=model_config, **kwargs).state_dict()
 
 
-def test_ddp_training_with_contrastive_denoising(synthetic_root, tmp_path):
-    """The demo's CDN on 2 processes: DDP finds no unused parameter (it would stop the run) and the denoising
-    label table is trained."""
+@pytest.mark.parametrize("model", ["tiny", "tiny-mm"])
+def test_ddp_training_with_contrastive_denoising(synthetic_root, tmp_path, model):
+    """The demo's CDN on 2 processes, for Grounding DINO and MM-Grounding-DINO: DDP finds no unused parameter (it
+    would stop the run) and the denoising label table (and MM's class-head biases) are trained."""
     from grounding.models.denoising import DenoisingConfig
 
     out = summary(run("train.py", train_args(
         synthetic_root, tmp_path / "cdn", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "2",
         "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--model.denoising.number", "30",
+        "--model.model", model,
     ), cwd=tmp_path))
     assert out["steps"] == 3  # 12 images, global batch 4
     trained = weights(Path(out["run_dir"]) / "checkpoints" / "last.ckpt")
-    start = initial_weights(TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=30))
+    start = initial_weights(TEST_MODEL_CONFIG, model=model, denoising=DenoisingConfig(number=30))
     assert trained.keys() == start.keys()
-    name = "denoising.label_embedding.weight"
-    assert (trained[name] - start[name]).abs().max() > 1e-4
+    names = ["denoising.label_embedding.weight"]
+    if model == "tiny-mm":
+        names += ["detector.class_embed.0.bias", "detector.model.encoder_output_class_embed.bias"]
+    for name in names:
+        assert (trained[name] - start[name]).abs().max() > 1e-4, name
 
 
 def start(script, args, cwd):

@@ -1,5 +1,8 @@
 """IMAGE: Grounding DINO trained with adaptive masking of its multi-scale feature maps (docs/image.md).
 
+The detector is transformers' Grounding DINO or MM-Grounding-DINO (also LLMDet's checkpoints): every hook
+and setting below works on both (``grounding.models.grounding_dino``).
+
 Training runs the detector with transformers' own loss while ``feature_masking`` masks the encoder's
 input maps; the schedule's progress p = global step / total steps comes from the Trainer. Validation,
 test and predict never mask. Evaluation scores every (query, category) pair (mean token probability of
@@ -43,16 +46,19 @@ LOGGED_TERMS = tuple(f"loss_{term}{part}" for part in ("", "_enc", "_dn") for te
 
 
 class ImageGroundingModule(L.LightningModule):
-    """Grounding DINO + IMAGE adaptive masking.
+    """Grounding DINO (or MM-Grounding-DINO) + IMAGE adaptive masking.
 
     Args:
-        model: ``"tiny"`` (random tiny model, offline tokenizer) or a hub id / local path of a checkpoint,
-            e.g. ``IDEA-Research/grounding-dino-tiny``.
-        model_config: config overrides (tiny: merged into ``TINY_CONFIG``; pretrained: ``from_pretrained`` kwargs).
+        model: ``"tiny"`` (random tiny Grounding DINO, offline tokenizer), ``"tiny-mm"`` (the same sizes as a
+            random MM-Grounding-DINO) or a hub id / local path of a Grounding DINO, MM-Grounding-DINO or LLMDet
+            checkpoint (docs/image.md "Starting checkpoints"), e.g. ``IDEA-Research/grounding-dino-tiny``,
+            ``openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det``, ``iSEE-Laboratory/llmdet_tiny``.
+        model_config: config overrides (tiny, tiny-mm: merged into ``TINY_CONFIG``; pretrained: ``from_pretrained``
+            kwargs).
         masking: IMAGE settings (``MaskingConfig``: variant rf_gam/threshold/random/none, r0, r1, sigma, k0,
             progressive, tau, max_tokens); ``variant: none`` trains the plain detector.
         lr, lr_backbone, lr_text_encoder, weight_decay: AdamW groups (docs/image.md: 1e-4, 1e-5, 1e-5, 1e-4).
-        freeze_text_encoder: keep BERT frozen (the paper's default).
+        freeze_text_encoder: keep BERT (``model.text_backbone`` in both classes) frozen (the paper's default).
         lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs (``lr_schedule: step``).
         lr_schedule: ``step`` (the paper's step decay; constant without ``lr_drop_epochs``) or ``cosine``
             (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).

@@ -1,6 +1,7 @@
 """Contrastive denoising training (DINO's CDN) for transformers' Grounding DINO, through hooks.
 
-transformers' ``GroundingDinoForObjectDetection`` trains its decoder queries by Hungarian matching only;
+transformers' ``GroundingDinoForObjectDetection`` (and ``MMGroundingDinoForObjectDetection``, which shares its
+forward code, module names and loss) trains its decoder queries by Hungarian matching only;
 the original Grounding DINO (as DINO) also feeds noised copies of the ground-truth boxes to the decoder and
 asks it to reconstruct them (docs/image.md "Contrastive denoising"):
 
@@ -22,7 +23,9 @@ matching ones: a pre-hook on ``model.model.decoder`` appends them with their att
 output keeps their states aside and hands the model only the matching queries, and a wrapper of the
 model's ``loss_function`` adds the denoising terms to the library's loss (``loss_ce_dn``, ``loss_bbox_dn``,
 ``loss_giou_dn`` and per layer ``..._dn_<i>`` in ``loss_dict``). No model code is copied; everything is
-removed when the block ends. Evaluation never uses it.
+removed when the block ends. Evaluation never uses it. The denoising queries are scored by the model's own
+heads (``class_embed[l]``, ``bbox_embed[l]``), so MM-Grounding-DINO's scaled, biased class heads score them as
+they score the matching queries.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from typing import Iterator
 import torch
 from torch import nn
 from torchvision.ops import box_convert
-from transformers import GroundingDinoForObjectDetection
 from transformers.loss.loss_grounding_dino import GroundingDinoImageLoss
+
+from grounding.models.grounding_dino import GroundingDinoFamily
 
 #: the weight transformers' Grounding DINO loss gives its token focal loss (fixed in the library)
 CLASS_WEIGHT = 2.0
@@ -201,7 +205,7 @@ class _DenoisingState:
         self.text_hidden: torch.Tensor | None = None
 
 
-def denoising_predictions(model: GroundingDinoForObjectDetection, state: _DenoisingState) -> tuple[torch.Tensor, torch.Tensor]:
+def denoising_predictions(model: GroundingDinoFamily, state: _DenoisingState) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits (L, B, Qd, K) and boxes (L, B, Qd, 4) of the denoising queries at every decoder layer,
     from the model's own heads as it applies them to the matching queries."""
     logits, boxes = [], []
@@ -243,7 +247,7 @@ def denoising_loss(
 class _DenoisingLossFunction:
     """The model's loss function plus the denoising terms."""
 
-    def __init__(self, loss_function, model: GroundingDinoForObjectDetection, state: _DenoisingState):
+    def __init__(self, loss_function, model: GroundingDinoFamily, state: _DenoisingState):
         self.loss_function = loss_function
         self.model = model
         self.state = state
@@ -262,7 +266,7 @@ class _DenoisingLossFunction:
 
 
 @contextlib.contextmanager
-def denoising_training(model: GroundingDinoForObjectDetection, queries: DenoisingQueries | None) -> Iterator[None]:
+def denoising_training(model: GroundingDinoFamily, queries: DenoisingQueries | None) -> Iterator[None]:
     """Inside the block, forward passes with ``labels`` also train the denoising queries (module docstring).
     ``queries=None`` (no box in the batch, or denoising off) leaves the model as it is."""
     if queries is None:

@@ -1,10 +1,25 @@
 """Grounding DINO from transformers: building it, and masking the feature maps that enter its encoder.
 
-``build_grounding_dino("IDEA-Research/grounding-dino-tiny")`` (or a local folder) loads a pretrained
-checkpoint with its own tokenizer; ``build_grounding_dino("tiny")`` builds a small random model from
-``TINY_CONFIG`` (plus overrides) with a WordPiece tokenizer made offline (``grounding.models.tokenizer``).
-The loss is the library's own (``GroundingDinoForObjectDetection(..., labels=...)``); inside
-``trained_proposals`` its two-stage encoder terms score the undetached proposals, as the original model.
+Two classes of the family are trained here, and every function of this module takes either:
+``GroundingDinoForObjectDetection`` (IDEA-Research's Grounding DINO) and ``MMGroundingDinoForObjectDetection``
+(MM-Grounding-DINO, whose class is also the one LLMDet checkpoints load as). ``build_grounding_dino(name)``
+loads a hub id or a local folder of either through transformers' Auto classes
+(``AutoModelForZeroShotObjectDetection``, ``AutoTokenizer``), with the checkpoint's own tokenizer;
+``build_grounding_dino("tiny")`` builds a small random Grounding DINO from ``TINY_CONFIG`` (plus
+overrides), ``build_grounding_dino("tiny-mm")`` the MM-Grounding-DINO of the same sizes, both with a
+WordPiece tokenizer made offline (``grounding.models.tokenizer``).
+
+The two classes share every module name this project hooks or freezes (``model.input_proj_vision``,
+``model.decoder``, ``model.text_backbone``, ``model.enc_output``, ``class_embed``, ``bbox_embed``, …), their
+forward code and the library's loss function (``GroundingDinoForObjectDetectionLoss``); MM-Grounding-DINO
+is not a subclass of Grounding DINO, so nothing here tests the class. What it changes (docs/image.md
+"Starting checkpoints"): its contrastive class heads (the decoder's ``class_embed[l]`` and the proposal
+head's ``model.encoder_output_class_embed``) divide the query–token similarity by √d_model and add a
+learned scalar bias (one for the proposals, one per decoder layer, tied into one by the default
+``decoder_cls_embed_share``); the decoder's copy of the class heads is tied to them; the proposal box
+head is always its own; there is no single-stage variant.
+The loss is the library's own (``model(..., labels=...)``); inside ``trained_proposals`` its two-stage
+encoder terms score the undetached proposals, as the original model.
 
 IMAGE masks the multi-scale maps between the backbone and the encoder (docs/image.md "Where masking
 happens"): the outputs of ``model.model.input_proj_vision[l]``, the 3 projected backbone stages and the
@@ -21,9 +36,19 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForZeroShotObjectDetection,
+    AutoTokenizer,
+    BertConfig,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    MMGroundingDinoConfig,
+    MMGroundingDinoForObjectDetection,
+    SwinConfig,
+)
 
-from grounding.models.tokenizer import build_wordpiece_tokenizer, load_tokenizer, wordpiece_vocabulary
+from grounding.models.tokenizer import build_wordpiece_tokenizer, wordpiece_vocabulary
 from grounding.utils import merge_nested
 
 #: the random demo / test model: Swin embed 32, d_model 64, two-stage with auxiliary losses.
@@ -42,39 +67,77 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_grounding_dino_config(vocab_size: int, overrides: dict | None = None) -> GroundingDinoConfig:
-    """``TINY_CONFIG`` with ``overrides`` merged in (nested dicts merge key by key)."""
+#: a detector this project trains: transformers' Grounding DINO or MM-Grounding-DINO (LLMDet loads as the latter)
+GroundingDinoFamily = GroundingDinoForObjectDetection | MMGroundingDinoForObjectDetection
+GroundingDinoFamilyConfig = GroundingDinoConfig | MMGroundingDinoConfig
+
+#: a checkpoint's ``model_type`` -> the class ``AutoModelForZeroShotObjectDetection`` builds for it
+DETECTOR_CLASSES: dict[str, type] = {
+    "grounding-dino": GroundingDinoForObjectDetection,
+    "mm-grounding-dino": MMGroundingDinoForObjectDetection,
+}
+CONFIG_CLASSES: dict[str, type] = {"grounding-dino": GroundingDinoConfig, "mm-grounding-dino": MMGroundingDinoConfig}
+
+#: the random models built offline from ``TINY_CONFIG``: name -> model_type
+TINY_MODELS = {"tiny": "grounding-dino", "tiny-mm": "mm-grounding-dino"}
+
+#: ``from_pretrained`` arguments that say where the files come from (not config fields)
+HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def tiny_grounding_dino_config(
+    vocab_size: int, overrides: dict | None = None, model_type: str = "grounding-dino"
+) -> GroundingDinoFamilyConfig:
+    """``TINY_CONFIG`` with ``overrides`` merged in (nested dicts merge key by key), as the config of
+    ``model_type`` (``"grounding-dino"`` or ``"mm-grounding-dino"``)."""
     settings = merge_nested(TINY_CONFIG, overrides or {})
     backbone = SwinConfig(**settings.pop("backbone_config"))
     text = BertConfig(vocab_size=vocab_size, **settings.pop("text_config"))
     if settings["d_model"] % 32:
         raise ValueError(f"model_config d_model={settings['d_model']} must be a multiple of 32 (GroupNorm(32, d_model))")
-    return GroundingDinoConfig(backbone_config=backbone, text_config=text, **settings)
+    if model_type == "mm-grounding-dino" and not settings["two_stage"]:
+        raise ValueError("model_config two_stage=false: MM-Grounding-DINO has no single-stage variant in transformers")
+    return CONFIG_CLASSES[model_type](backbone_config=backbone, text_config=text, **settings)
 
 
 def build_grounding_dino(
     name_or_path: str = "tiny", overrides: dict | None = None, tokenizer_dir: str | Path | None = None
-) -> tuple[GroundingDinoForObjectDetection, Any]:
+) -> tuple[GroundingDinoFamily, Any]:
     """The detector and its tokenizer.
 
-    name_or_path: ``"tiny"`` for the random tiny model, else a hub id or local folder for ``from_pretrained``.
-    overrides: config fields (tiny: merged into ``TINY_CONFIG``; pretrained: passed to ``from_pretrained``).
+    name_or_path: ``"tiny"`` (random tiny Grounding DINO) or ``"tiny-mm"`` (random tiny MM-Grounding-DINO,
+        the same sizes), else a hub id or local folder of a Grounding DINO, MM-Grounding-DINO or LLMDet
+        checkpoint, loaded by ``AutoModelForZeroShotObjectDetection.from_pretrained`` with the
+        checkpoint's own tokenizer (``AutoTokenizer``).
+    overrides: config fields (tiny: merged into ``TINY_CONFIG``; pretrained: passed to ``from_pretrained``,
+        e.g. ``{"num_queries": 300}`` or ``{"revision": "..."}``).
     tokenizer_dir: also save the tiny model's tokenizer there (it is built in memory; nothing is written
         when None).
     """
-    if name_or_path == "tiny":
+    if name_or_path in TINY_MODELS:
+        model_type = TINY_MODELS[name_or_path]
         tokenizer = build_wordpiece_tokenizer(tokenizer_dir)
-        config = tiny_grounding_dino_config(len(wordpiece_vocabulary()), overrides)
-        return GroundingDinoForObjectDetection(config), tokenizer
-    model = GroundingDinoForObjectDetection.from_pretrained(name_or_path, **(overrides or {}))
-    return model, load_tokenizer(name_or_path)
+        config = tiny_grounding_dino_config(len(wordpiece_vocabulary()), overrides, model_type)
+        return DETECTOR_CLASSES[model_type](config), tokenizer
+    settings = dict(overrides or {})
+    hub = {name: settings[name] for name in HUB_ARGUMENTS if name in settings}
+    # the config first: a checkpoint of another family is refused before its weights are read
+    model_type = AutoConfig.from_pretrained(name_or_path, **hub).model_type
+    if model_type not in DETECTOR_CLASSES:
+        raise ValueError(
+            f"model {name_or_path!r} is a {model_type!r} checkpoint; supported: {sorted(DETECTOR_CLASSES)}"
+            f" (Grounding DINO, MM-Grounding-DINO, LLMDet) or the random {sorted(TINY_MODELS)}"
+        )
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(name_or_path, **settings)
+    return model, AutoTokenizer.from_pretrained(name_or_path, **hub)
 
 
 PROPOSAL_HEAD = ("enc_output", "enc_output_norm", "encoder_output_bbox_embed")
 
 
-def untrained_modules(model: GroundingDinoForObjectDetection, proposal_loss: str = "trained") -> dict[str, str]:
-    """Modules of transformers' Grounding DINO that never receive a gradient in training, and why.
+def untrained_modules(model: GroundingDinoFamily, proposal_loss: str = "trained") -> dict[str, str]:
+    """Modules of transformers' Grounding DINO / MM-Grounding-DINO that never receive a gradient in training,
+    and why (the same modules in both classes).
 
     - the Swin backbone's final ``layernorm``: the encoder reads the stage outputs through their own
       norms, never the last hidden state.
@@ -83,6 +146,8 @@ def untrained_modules(model: GroundingDinoForObjectDetection, proposal_loss: str
       transformers computes the encoder ("_enc") loss on the detached top-k proposals, so nothing
       downstream of these layers reaches a loss. ``trained_proposals`` (the default of the training
       module) computes that loss on the undetached proposals, as the original Grounding DINO does.
+      MM-Grounding-DINO's ``model.encoder_output_class_embed`` has a learned bias, which is trained either
+      way: the library's encoder logits are computed from the detached queries but add that bias.
     DDP needs every trainable parameter to get a gradient (else ``find_unused_parameters`` on every step);
     ``freeze_untrained`` freezes these, which changes no weight update (they had no gradient anyway).
     """
@@ -100,7 +165,7 @@ def untrained_modules(model: GroundingDinoForObjectDetection, proposal_loss: str
     return found
 
 
-def freeze_untrained(model: GroundingDinoForObjectDetection, proposal_loss: str = "trained") -> list[str]:
+def freeze_untrained(model: GroundingDinoFamily, proposal_loss: str = "trained") -> list[str]:
     """Freeze ``untrained_modules``; returns the names of the parameters frozen."""
     modules = dict(model.named_modules())
     frozen = []
@@ -112,7 +177,7 @@ def freeze_untrained(model: GroundingDinoForObjectDetection, proposal_loss: str 
     return frozen
 
 
-def encoder_token_count(config: GroundingDinoConfig, height: int, width: int) -> int:
+def encoder_token_count(config: GroundingDinoFamilyConfig, height: int, width: int) -> int:
     """Tokens of all feature levels entering the encoder for a (padded) input of height × width pixels.
 
     Swin embeds patches of ``patch_size`` and halves the grid at each later stage (rounding up, as it pads);
@@ -134,9 +199,10 @@ def encoder_token_count(config: GroundingDinoConfig, height: int, width: int) ->
 
 
 def parameter_groups(
-    model: GroundingDinoForObjectDetection, lr: float, lr_backbone: float, lr_text_encoder: float, weight_decay: float
+    model: GroundingDinoFamily, lr: float, lr_backbone: float, lr_text_encoder: float, weight_decay: float
 ) -> list[dict]:
-    """AdamW groups as in Open-GroundingDino (docs/image.md): backbone and text encoder at their own lr."""
+    """AdamW groups as in Open-GroundingDino (docs/image.md): backbone and text encoder at their own lr.
+    MM-Grounding-DINO's class-head biases fall in the rest; a parameter tied across modules counts once."""
     groups = {"backbone": [], "text_encoder": [], "rest": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -164,7 +230,7 @@ def level_valid_masks(pixel_mask: torch.Tensor, sizes: list[tuple[int, int]]) ->
 
 @contextlib.contextmanager
 def feature_masking(
-    model: GroundingDinoForObjectDetection, masker: nn.Module, progress: float, pixel_mask: torch.Tensor | None
+    model: GroundingDinoFamily, masker: nn.Module, progress: float, pixel_mask: torch.Tensor | None
 ) -> Iterator[None]:
     """Mask the encoder's input maps of the forward passes run inside the block.
 
@@ -193,12 +259,14 @@ def feature_masking(
 
 
 class _UndetachedProposalLoss:
-    """transformers' Grounding DINO loss, with the encoder ("_enc") terms on the undetached proposals.
+    """transformers' Grounding DINO loss (MM-Grounding-DINO's too), with the encoder ("_enc") terms on the
+    undetached proposals.
 
     transformers selects the top ``num_queries`` encoder tokens and scores the *detached* selection, so the
     proposal head gets no gradient; it also scores their classes against the text *before* the encoder,
     while the selection used the encoder's text output. The original Grounding DINO (and DINO) score the
-    selection before detaching, against the encoder's text output. A forward hook on ``model.model`` keeps
+    selection before detaching, against the encoder's text output (MM-Grounding-DINO: through its own
+    scaled, biased class head, as the selection). A forward hook on ``model.model`` keeps
     the per-token class logits and box logits the selection was made from (both undetached); the loss
     gathers the same top-k (``torch.topk`` of the same scores, as the model does) and hands them to the
     library's own loss function in place of transformers' copies.
@@ -224,7 +292,7 @@ class _UndetachedProposalLoss:
 
 
 @contextlib.contextmanager
-def trained_proposals(model: GroundingDinoForObjectDetection) -> Iterator[None]:
+def trained_proposals(model: GroundingDinoFamily) -> Iterator[None]:
     """Inside the block, the loss trains the two-stage proposal head (see ``_UndetachedProposalLoss``).
 
     The boxes scored are the same as transformers' (now with their gradient); the class logits are those

@@ -130,10 +130,11 @@ def test_denoising_loss_against_torchvision():
     assert float(total) == pytest.approx(float(expected_total), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def model_and_prompt():
+@pytest.fixture(scope="module", params=["tiny", "tiny-mm"])
+def model_and_prompt(request):
+    """The tiny Grounding DINO and the tiny MM-Grounding-DINO (its class heads scale and bias the scores)."""
     torch.manual_seed(0)
-    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model, tokenizer = build_grounding_dino(request.param, TEST_MODEL_CONFIG)
     prompt = build_prompts({1: "red circle", 2: "blue square", 3: "green star"}, tokenizer, model.config.max_text_len)[0]
     return model, prompt
 
@@ -184,13 +185,14 @@ def test_hooks_and_settings_are_restored_also_after_an_error(model_and_prompt):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def test_every_parameter_of_the_module_gets_a_gradient_with_denoising(synthetic_root):
+@pytest.mark.parametrize("name", ["tiny", "tiny-mm"])
+def test_every_parameter_of_the_module_gets_a_gradient_with_denoising(synthetic_root, name):
     """DDP without find_unused_parameters: the label table too, also on a batch without any box."""
     from grounding.data.coco import collate_detection
     from grounding.data.detection import CocoDetectionDataModule
 
     torch.manual_seed(0)
-    module = ImageGroundingModule(model="tiny", model_config=TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=20))
+    module = ImageGroundingModule(model=name, model_config=TEST_MODEL_CONFIG, denoising=DenoisingConfig(number=20))
     data = CocoDetectionDataModule(synthetic_root=str(synthetic_root), image_size=96, max_size=128, batch_size=2, num_workers=0)
     data.setup("fit")
     module.set_categories(data.categories)

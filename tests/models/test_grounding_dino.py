@@ -1,9 +1,11 @@
-"""Building Grounding DINO: tiny config, loading from a local folder, optimizer groups, the library's loss."""
+"""Building Grounding DINO (and MM-Grounding-DINO): tiny configs, loading a local folder through the Auto classes,
+optimizer groups, the library's loss."""
 
 import contextlib
 
 import pytest
 import torch
+from transformers import GroundingDinoForObjectDetection, MMGroundingDinoForObjectDetection
 
 from grounding.data.prompts import build_prompts
 from grounding.models.grounding_dino import (
@@ -19,11 +21,17 @@ from grounding.models.grounding_dino import (
 from ..conftest import TEST_MODEL_CONFIG
 
 
-def test_pretrained_path_loads_the_saved_model_and_its_own_tokenizer(tmp_path):
-    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG, tokenizer_dir=tmp_path / "vocab")
+@pytest.mark.parametrize("name, cls", [("tiny", GroundingDinoForObjectDetection), ("tiny-mm", MMGroundingDinoForObjectDetection)])
+def test_pretrained_path_loads_the_saved_model_and_its_own_tokenizer(tmp_path, name, cls):
+    """``save_pretrained`` -> ``build_grounding_dino(folder)``: transformers' Auto classes' ``from_pretrained`` picks
+    the class from the saved config and restores every weight (the path a hub checkpoint takes, offline)."""
+    model, tokenizer = build_grounding_dino(name, TEST_MODEL_CONFIG, tokenizer_dir=tmp_path / "vocab")
     model.save_pretrained(tmp_path / "checkpoint")
     tokenizer.save_pretrained(tmp_path / "checkpoint")
-    loaded, loaded_tokenizer = build_grounding_dino(str(tmp_path / "checkpoint"))
+    loaded, loaded_tokenizer = build_grounding_dino(str(tmp_path / "checkpoint"), {"local_files_only": True})
+    assert type(model) is type(loaded) is cls
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
     prompt = build_prompts({1: "red circle", 2: "blue square"}, loaded_tokenizer, loaded.config.max_text_len)[0]
     assert prompt.input_ids.tolist() == tokenizer("red circle . blue square .")["input_ids"]
     pixel_values = torch.randn(1, 3, 96, 96)
@@ -34,13 +42,22 @@ def test_pretrained_path_loads_the_saved_model_and_its_own_tokenizer(tmp_path):
         assert torch.equal(model(**inputs).pred_boxes, loaded(**inputs).pred_boxes)
 
 
+def test_a_checkpoint_of_another_family_is_refused_before_its_weights_are_read(tmp_path):
+    from transformers import OwlViTConfig
+
+    OwlViTConfig().save_pretrained(tmp_path)  # a config alone: the weights are never looked for
+    with pytest.raises(ValueError, match=r"is a 'owlvit' checkpoint; supported: \['grounding-dino', 'mm-grounding-dino'\]"):
+        build_grounding_dino(str(tmp_path))
+
+
 def test_d_model_must_suit_groupnorm():
     with pytest.raises(ValueError, match=r"model_config d_model=48 must be a multiple of 32"):
         build_grounding_dino("tiny", {**TEST_MODEL_CONFIG, "d_model": 48})
 
 
-def test_parameter_groups_follow_the_spec_learning_rates():
-    model, _ = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+@pytest.mark.parametrize("name", ["tiny", "tiny-mm"])
+def test_parameter_groups_follow_the_spec_learning_rates(name):
+    model, _ = build_grounding_dino(name, TEST_MODEL_CONFIG)
     model.model.text_backbone.requires_grad_(False)
     groups = {g["name"]: g for g in parameter_groups(model, lr=1e-4, lr_backbone=1e-5, lr_text_encoder=1e-5, weight_decay=1e-4)}
     assert set(groups) == {"backbone", "rest"}  # the frozen text encoder gets no group
@@ -48,6 +65,7 @@ def test_parameter_groups_follow_the_spec_learning_rates():
     assert {id(p) for p in groups["backbone"]["params"]} == backbone and groups["backbone"]["lr"] == 1e-5
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in groups["rest"]["params"]} == trainable - backbone and groups["rest"]["lr"] == 1e-4
+    assert sum(len(g["params"]) for g in groups.values()) == len(trainable)  # tied parameters once
     assert all(g["weight_decay"] == 1e-4 for g in groups.values())
 
 
@@ -96,12 +114,14 @@ def training_step_gradients(model, tokenizer, height=96, width=128, proposal_los
 PROPOSAL_HEAD = {"model.enc_output", "model.enc_output_norm", "model.encoder_output_bbox_embed"}
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-mm"])
 @pytest.mark.parametrize("freeze_text", [False, True])
 @pytest.mark.parametrize("proposal_loss", ["detached", "trained"])
-def test_after_freezing_every_trainable_parameter_gets_a_gradient(freeze_text, proposal_loss):
+def test_after_freezing_every_trainable_parameter_gets_a_gradient(freeze_text, proposal_loss, name):
     """What DDP needs to run without find_unused_parameters; and exactly the documented modules are dead:
-    with transformers' loss the proposal head too, with the undetached encoder loss only the backbone's norm."""
-    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    with transformers' loss the proposal head too, with the undetached encoder loss only the backbone's norm
+    (the same modules in MM-Grounding-DINO, whose proposal class head's bias is trained either way)."""
+    model, tokenizer = build_grounding_dino(name, TEST_MODEL_CONFIG)
     if freeze_text:
         model.model.text_backbone.requires_grad_(False)
     dead = training_step_gradients(model, tokenizer, proposal_loss=proposal_loss)
