@@ -17,6 +17,10 @@ atomic checkpoint writes (``grounding.lightning.callbacks``).
   ``{"untrained": {...}, "trained": {...}, "run_dir": ..., "steps": ...}``.
 - ``evaluate``: ``Trainer.test`` of any method on its DataModule's evaluation split (``--data.split``),
   prints ``{"split": ..., <metrics>, "run_dir": ...}``. Undefined metrics are printed as ``null``.
+- ``predict`` (``grounding-predict``): ``Trainer.predict`` of the detector, GEM or InvSeg on the user's images
+  (``--inputs``, ``--classes`` / ``--text``; ``grounding.data.image_folder``), outputs written by
+  ``grounding.lightning.prediction_writer``, prints ``{"out": ..., "images": ..., "predicted": ...,
+  "skipped_existing": ..., "unreadable": ..., "run_dir": ...}``.
 
 The command line as a user meets it:
 
@@ -55,6 +59,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -672,6 +677,119 @@ def evaluate(args: list[str] | None = None) -> dict:
         if trainer.is_global_zero:
             print_json({"split": split, **metrics, "run_dir": run_dir}, stdout)
     return {"split": split, **metrics, "run_dir": run_dir}
+
+
+# ------------------------------------------------------------------------------------------------- predict
+#: the LightningModules grounding-predict runs on the user's images (class names, for the error of another)
+PREDICT_MODULES = ("ImageGroundingModule", "GEMSegmentationModule", "InvSegModule")
+IMAGE_FOLDER_DATA = "grounding.data.image_folder.ImageFolderDataModule"
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    """The options of ``grounding-predict`` besides the config's (``--trainer.*``, ``--model.*``, ``--ckpt_path``)."""
+    parser = argparse.ArgumentParser(prog=_program(), add_help=False, allow_abbrev=False)
+    parser.add_argument("--inputs", nargs="+", default=None, metavar="PATH",
+                        help="image files, folders (their images, sorted) and .txt files listing image paths")
+    parser.add_argument("--classes", default=None, help="class names separated by commas: 'red circle, blue square' "
+                        "(a class 'background' is the background class of the segmentation methods)")
+    parser.add_argument("--text", default=None, help="detector only: a free prompt, 'the red circle . a blue square'")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/predictions); its complete outputs are not redone")
+    parser.add_argument("--recursive", action="store_true", help="read the sub-folders of a folder too")
+    parser.add_argument("--redo", action="store_true", help="predict every image again, also those with complete outputs")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per step of each process")
+    parser.add_argument("--box_threshold", type=float, default=0.35, help="detector: keep boxes scoring above this")
+    parser.add_argument("--text_threshold", type=float, default=0.25, help="detector: token probability for a --text label")
+    parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image")
+    parser.add_argument("--predict.image_size", dest="image_size", type=int, default=None,
+                        help="detector: shorter side of the resized image (default: the config's data.image_size, else 800)")
+    parser.add_argument("--predict.max_size", dest="max_size", type=int, default=None,
+                        help="detector: cap of the longer side (default: the config's data.max_size, else 1333)")
+    parser.error = lambda message: exit_with_error(message)  # type: ignore[method-assign]
+    return parser
+
+
+def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the predict options, the command line for ``build_cli``: the config's data replaced by the images)."""
+    parser = predict_parser()
+    if "--help" in args or "-h" in args:
+        sys.stdout.write(parser.format_help().replace("usage:", "grounding-predict options:", 1) + "\n")
+    options, rest = parser.parse_known_args(args)
+    if options.inputs is None and "--help" not in args and "-h" not in args:
+        exit_with_error("--inputs: give the images to predict (files, folders or .txt lists of paths)")
+    from grounding.data.image_folder import parse_classes
+
+    try:
+        classes = parse_classes(options.classes)
+    except ValueError as error:
+        exit_with_error(str(error))
+    data = {"inputs": options.inputs or ["."], "classes": classes, "text": options.text, "out_dir": options.out,
+            "recursive": options.recursive, "skip_existing": not options.redo, "batch_size": options.batch_size}
+    flags = [f"--data.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items() if v is not None]
+    return options, [*resolve_arguments(rest), "--data", IMAGE_FOLDER_DATA, *flags]
+
+
+def predict(args: list[str] | None = None) -> dict:
+    """Run a method on the user's images (``Trainer.predict`` over an ``ImageFolderDataModule``); writes the
+    outputs of ``grounding.lightning.prediction_writer`` and ``predictions.json`` (every record of the output
+    folder's images, sorted by id), returns the printed summary."""
+    args = list(sys.argv[1:] if args is None else args)
+    options, command = predict_arguments(args)
+    config_data = config_sections(command[: command.index("--data")]).get("data", (None, {}, None))[1]
+    with warnings.catch_warnings():  # sys.argv is left as given: DDP's other processes make the same command line
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        cli = build_cli(command)
+    from grounding.data.image_folder import complete_record
+    from grounding.lightning.label_writer import PredictionPngWriter
+    from grounding.lightning.prediction_writer import ImagePredictionWriter
+
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    method = type(model).__name__
+    if method not in PREDICT_MODULES:
+        exit_with_error(f"grounding-predict does not run {method} ({_class_path(type(model))}) yet; it runs "
+                        f"{', '.join(PREDICT_MODULES)} (configs/image, configs/gem, configs/invseg)")
+    if method != "ImageGroundingModule" and options.classes is None:
+        exit_with_error(f"--classes: {method} segments the classes given (--text is the detector's)")
+    if method == "InvSegModule" and model.hparams.categories == "oracle":
+        exit_with_error("--model.categories oracle needs ground truth; use all (the classes given) or filter")
+    if method == "ImageGroundingModule":
+        if (options.classes is None) == (options.text is None):
+            exit_with_error("--classes / --text: give one of them to the detector, not both")
+        model.predict_settings = {
+            "classes": data.class_names if options.text is None else None, "text": options.text,
+            "box_threshold": options.box_threshold, "text_threshold": options.text_threshold, "top_k": options.top_k,
+            "image_size": options.image_size or config_data.get("image_size"),
+            "max_size": options.max_size if options.max_size is not None else config_data.get("max_size", 1333),
+        }
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PredictionPngWriter)]
+    trainer.callbacks.append(ImagePredictionWriter())
+    fix_logger_versions(trainer)
+    stdout = sys.stdout
+    with _run():
+        trainer.predict(model, datamodule=data, ckpt_path=cli.config.ckpt_path, return_predictions=False)
+        run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        out_dir = Path(options.out) if options.out else Path(run_dir or trainer.default_root_dir) / "predictions"
+        finish_distributed()  # every process has written its records
+        counts = {k.split("/", 1)[1]: int(v) for k, v in trainer.callback_metrics.items() if k.startswith("predict/")}
+        summary = {"out": str(out_dir), "images": len(data.ids), "predicted": counts.get("predicted", 0),
+                   "skipped_existing": counts.get("skipped_existing", 0), "unreadable": counts.get("unreadable", 0),
+                   "run_dir": run_dir}
+        if trainer.is_global_zero:
+            records = {image_id: complete_record(out_dir, image_id) for image_id in data.ids}
+            missing = [str(file) for image_id, file in zip(data.ids, data.files) if records[image_id] is None]
+            if missing:
+                log.warning("%d of %d images have no prediction (unreadable): %s", len(missing), len(data.ids), "; ".join(missing[:20]))
+            everything = [records[image_id] for image_id in sorted(records) if records[image_id] is not None]
+            text = json.dumps(everything, indent=1)
+            from grounding.utils import write_atomic
+
+            write_atomic(out_dir / "predictions.json", lambda temporary: Path(temporary).write_text(text))
+            print_json(summary, stdout)
+    return summary
+
+
+def predict_main() -> None:
+    """Console script ``grounding-predict``."""
+    predict()
 
 
 def train_main() -> None:

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+#: the suffixes of the image files a folder of images is read for (compared in lower case)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
 _EXIF_ORIENTATION = 0x0112
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

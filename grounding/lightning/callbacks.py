@@ -329,3 +329,11 @@ class TextProgress(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._evaluation_end(trainer, "test/")
+
+    on_predict_start = _evaluation_start
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch(trainer, "predict", batch_idx, trainer.num_predict_batches)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print(trainer, f"[predict] done in {_duration(time.monotonic() - self._eval_start)}")

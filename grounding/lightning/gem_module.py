@@ -132,22 +132,27 @@ class GEMSegmentationModule(_GEMBase):
     def process(self, batch: list[dict], score: bool) -> dict:
         if self._text is None:
             raise RuntimeError("GEMSegmentationModule needs the dataset's classes: run it with a SegmentationDataModule or call set_classes")
-        ids, label_maps = [], []
+        ids, label_maps, heatmaps = [], [], []
         for sample in batch:
             maps = self.class_maps(sample["image"], self._text)
             labels = self.predict_labels(maps)
             if score:
                 self.metric.update(labels, sample["labels"].to(labels.device))
+            else:  # predict: each prompted class's map too (grounding-predict draws them)
+                heatmaps.append({"classes": [self.class_names[c] for c in self.foreground],
+                                 "indices": list(self.foreground), "maps": maps.cpu()})
             self._picture(sample, maps, labels)
             ids.append(sample["image_id"])
             label_maps.append(labels.cpu())
-        return {"image_ids": ids, "label_maps": label_maps}
+        if score:
+            return {"image_ids": ids, "label_maps": label_maps}
+        return {"image_ids": ids, "label_maps": label_maps, "heatmaps": heatmaps}
 
     def on_test_epoch_end(self) -> None:
         report_segmentation(self, self.metric, self.class_names, "gem", self.hparams.method)
 
     def _picture(self, sample: dict, maps: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.picture_logger() is None:
+        if self.picture_logger() is None or "labels" not in sample:  # no ground truth: a user's image
             return
         panels = segmentation_panels(sample["image"].cpu(), sample["labels"], labels)
         panels.append(labelled_overlay(sample["image"].cpu(), labels.cpu(), self.class_names))

@@ -160,6 +160,8 @@ class ImageGroundingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
+        if stage == "predict" and not hasattr(datamodule, "categories"):  # the user's images: GroundingDetector's prompt
+            return
         self.set_categories(datamodule.categories)
         side = getattr(datamodule, "smallest_side", None)
         if side is not None:
@@ -323,11 +325,34 @@ class ImageGroundingModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: dict | list[dict], batch_idx: int) -> list[dict]:
+        """A COCO batch: its detections (as the test step's, with ``image_id``). A list of samples
+        ``{"image_id", "image": uint8 (3, H, W), "path"}`` (``ImageFolderDataModule``): ``GroundingDetector``'s
+        record of each image plus ``image_id`` and ``path``, with the settings of ``predict_settings``."""
+        if isinstance(batch, list):
+            return self.detect_images(batch)
         detections = self._evaluation_step(batch, batch_idx, "predict")
         for target, detection in zip(batch["targets"], detections):
             detection["image_id"] = target["image_id"]
         return detections
+
+    #: ``detect_images``'s settings: ``classes`` or ``text``, ``box_threshold``, ``text_threshold``, ``top_k``,
+    #: ``image_size``, ``max_size`` (grounding-predict sets them)
+    predict_settings: dict | None = None
+
+    def detect_images(self, samples: list[dict]) -> list[dict]:
+        """``GroundingDetector`` over ``samples`` (``{"image_id", "image", "path"}``) with ``predict_settings``."""
+        from grounding.models.detector import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, GroundingDetector, build_processor
+
+        if not samples:
+            return []
+        settings = dict(self.predict_settings or {})
+        size = (settings.pop("image_size", None) or DEFAULT_IMAGE_SIZE, settings.pop("max_size", DEFAULT_MAX_SIZE))
+        if getattr(self, "_predict_detector", (None, None))[0] != size:
+            self._predict_detector = (size, GroundingDetector(self.detector, build_processor(self.tokenizer, *size)))
+        detector = self._predict_detector[1]
+        records = detector([sample["image"] for sample in samples], **settings)
+        return [{"image_id": sample["image_id"], "path": sample["path"], **record} for sample, record in zip(samples, records)]
 
     def _finish_evaluation(self, split: str) -> None:
         if split not in self.metrics:

@@ -148,7 +148,7 @@ class InvSegModule(TestTimeModule):
                 if self.metric is None:
                     raise RuntimeError("InvSegModule needs the dataset's classes: run it with a SegmentationDataModule or call set_classes")
                 self.metric.update(result["labels"], sample["labels"].to(result["labels"].device))
-            if result["losses"]:
+            if result["losses"] and score:  # Trainer.predict takes no self.log
                 self.log("test/loss_first", result["losses"][0], batch_size=1)
                 self.log("test/loss_last", result["losses"][-1], batch_size=1)
             self._log_panels(sample, result)
@@ -164,7 +164,7 @@ class InvSegModule(TestTimeModule):
         """A grid: image | ground truth | prediction | prediction over the image with its legend, then each
         category's map before and after the inversion, two categories to a row."""
         experiment = self.picture_logger()
-        if experiment is None:
+        if experiment is None or "labels" not in sample:  # no ground truth: a user's image
             return
         panels = segmentation_panels(sample["image"].cpu(), sample["labels"], result["labels"])
         image, titles = panels[0], ["image", "ground truth", "prediction", "prediction over the image"]

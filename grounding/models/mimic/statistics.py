@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grounding.data.images import IMAGE_SUFFIXES
 from grounding.utils import write_atomic
 
 from .priors import from_unit
 from .vlm import VLM, vision_tower
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 # ============================================================================ statistics and the loss

@@ -1,0 +1,148 @@
+"""grounding-predict: GEM and the detector on a folder of the synthetic images, resuming, errors, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grounding.cli import predict
+from grounding.data.images import image_tensor, read_rgb_image
+
+GEM = ["--config", "configs/gem/synthetic.yaml", "--trainer.logger", "false", "--progress.mode", "never"]
+CLASSES = "background, red circle, blue square, green triangle"
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root, tmp_path_factory) -> Path:
+    """The synthetic val images and one file that is not an image."""
+    folder = tmp_path_factory.mktemp("images")
+    for file in sorted((Path(synthetic_root) / "images" / "val").glob("*.jpg")):
+        shutil.copy(file, folder / file.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def _run(args: list[str], capsys, root: Path) -> dict:
+    capsys.readouterr()
+    summary = predict([*args, "--trainer.default_root_dir", str(root)])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == summary  # one JSON line on stdout
+    return summary
+
+
+@pytest.fixture(scope="module")
+def gem_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gem") / "out"
+    summary = predict([*GEM, "--inputs", str(images), "--classes", CLASSES, "--out", str(out),
+                       "--trainer.default_root_dir", str(out.parent)])
+    return out, summary
+
+
+def test_gem_writes_every_readable_image(images, gem_run, caplog):
+    out, summary = gem_run
+    readable = sorted(p.stem for p in images.glob("*.jpg") if p.stem != "broken")
+    assert summary["images"] == len(readable) + 1
+    assert (summary["predicted"], summary["unreadable"], summary["skipped_existing"]) == (len(readable), 1, 0)
+    assert sorted(p.stem for p in (out / "records").glob("*.json")) == readable
+    everything = json.loads((out / "predictions.json").read_text())
+    assert [r["image_id"] for r in everything] == readable  # valid JSON, sorted by id
+    record = everything[0]
+    assert record["classes"] == [c.strip() for c in CLASSES.split(",")]
+    assert sorted(record["heatmaps"]) == ["blue square", "green triangle", "red circle"]  # background not prompted
+    for name in [record["label_map"], record["overlay"], *record["heatmaps"].values()]:
+        assert (out / name).is_file()
+
+    # the label maps equal GEM's own computation on the same images
+    from grounding.lightning.gem_module import GEMSegmentationModule
+
+    L.seed_everything(0)  # the config's seed, set before the model is built
+    module = GEMSegmentationModule(backbone="tiny", method="gem", depth=3, iterations=1, short_side=128,
+                                   background_threshold=0.85, log_images=0)
+    module.set_classes(record["classes"], background_index=0)
+    for image_id in readable[:3]:
+        image = image_tensor(read_rgb_image(images / f"{image_id}.jpg"))
+        with torch.no_grad():
+            expected = module.predict_labels(module.class_maps(image, module._text))
+        written = np.array(Image.open(out / "labels" / f"{image_id}.png"))
+        assert np.array_equal(written, expected.numpy())
+
+
+def test_resume_redoes_only_the_missing(images, gem_run, capsys):
+    out, first = gem_run
+    before = json.loads((out / "predictions.json").read_text())
+    ids = [r["image_id"] for r in before]
+    removed, kept = ids[::2], ids[1::2]
+    (out / "records" / f"{removed[0]}.json").unlink()
+    for image_id in removed[1:]:  # a record left, but a file it names gone: redone too
+        (out / "labels" / f"{image_id}.png").unlink()
+    times = {i: (out / "records" / f"{i}.json").stat().st_mtime_ns for i in kept}
+    summary = _run([*GEM, "--inputs", str(images), "--classes", CLASSES, "--out", str(out)], capsys, out.parent)
+    assert (summary["predicted"], summary["skipped_existing"], summary["unreadable"]) == (len(removed), len(kept), 1)
+    assert {i: (out / "records" / f"{i}.json").stat().st_mtime_ns for i in kept} == times
+    assert json.loads((out / "predictions.json").read_text()) == before
+
+
+def test_detector_records_are_grounding_detector_records(images, tmp_path, capsys):
+    from grounding.lightning.image_module import ImageGroundingModule
+    from grounding.models.detector import GroundingDetector, build_processor
+
+    files = sorted(images.glob("*.jpg"))[:2]
+    out = tmp_path / "out"
+    summary = _run(["--config", "configs/image/synthetic.yaml", "--trainer.logger", "false", "--inputs", *map(str, files),
+                    "--classes", "red circle, blue square", "--box_threshold", "0.2", "--top_k", "5", "--out", str(out)], capsys, tmp_path)
+    assert summary["predicted"] == 2
+    L.seed_everything(0)
+    module = ImageGroundingModule(model="tiny")
+    detector = GroundingDetector(module.detector, build_processor(module.tokenizer, 128, 214))  # the config's data sizes
+    for file in files:
+        expected = detector(image_tensor(read_rgb_image(file)), classes=["red circle", "blue square"], box_threshold=0.2, top_k=5)
+        record = json.loads((out / "records" / f"{file.stem}.json").read_text())
+        assert record == {**expected, "image_id": file.stem, "path": str(file), "drawn": f"drawn/{file.stem}.png"}
+        assert (out / record["drawn"]).is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", " , "], "classes (--classes) is empty"),
+    (["--classes", "a", "--inputs", "no/such/folder"], "no such file or folder: no/such/folder"),
+])
+def test_clear_errors(images, args, message, capsys):
+    args = args if "--inputs" in args else [*args, "--inputs", str(images)]
+    with pytest.raises(SystemExit) as raised:
+        predict([*GEM, *args, "--trainer.default_root_dir", str(images)])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_method_is_named(images, capsys):
+    with pytest.raises(SystemExit) as raised:
+        predict(["--config", "configs/maskinversion/synthetic.yaml", "--trainer.logger", "false",
+                 "--inputs", str(images), "--classes", "a", "--trainer.default_root_dir", str(images)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert "does not run MaskInversionModule" in error and "GEMSegmentationModule" in error
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_predictions(images, gem_run, tmp_path):
+    out, _ = gem_run
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "predict.py")]
+    result = subprocess.run(
+        [*command, *GEM, "--inputs", str(images), "--classes", CLASSES, "--out", str(tmp_path / "out"),
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["predicted"], summary["unreadable"]) == (len(list(images.glob("*.jpg"))) - 1, 1)
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == json.loads((out / "predictions.json").read_text())
