@@ -8,7 +8,8 @@ method reads one family:
 - regions (MaskInversion): ``regions.RegionDataModule`` over ``region_readers.py``;
 - semantic segmentation (InvSeg, GEM): ``segmentation.SegmentationDataModule`` over ``segmentation_readers.py``;
 - point labels (GEM): ``openimages_points.OpenImagesPointsDataModule``;
-- concept targets (MIMIC): ``concepts.ConceptDataModule``.
+- concept targets (MIMIC): ``concepts.ConceptDataModule``;
+- the user's own images (``grounding-predict``): ``image_folder.ImageFolderDataModule``.
 
 Package layout (one concern per module):
 
@@ -29,6 +30,7 @@ Package layout (one concern per module):
     segmentation.py          SegmentationDataset and SegmentationDataModule
     openimages_points.py     OpenImages V7 point labels: the CSV readers, dataset and OpenImagesPointsDataModule
     concepts.py              MIMIC's concept targets: the targets file, the synthetic concepts, ConceptDataModule
+    image_folder.py          image files, folders and path lists to predict on: ImageFolderDataModule
     datamodule.py            the detection DataModule's old import path, which saved run configs and checkpoints name
     synthetic/               the embedded synthetic dataset: generator, command line, its derived formats
 """
