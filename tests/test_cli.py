@@ -117,7 +117,7 @@ def test_abbreviated_flags_are_unknown(capsys):
 
 
 def test_a_bad_setting_is_one_line_naming_it(capsys, synthetic_root, tmp_path):
-    model, data = class_name(GEM, "model"), class_name(GEM, "data")
+    model = class_name(GEM, "model")
     cases = {
         ("--data.init_args.batch_size", "zero"): "--data.batch_size: expected int, got 'zero'",
         ("--model.init_args.depth", "-3"): "--model.depth: -3 is not a PositiveInt (v>0)",

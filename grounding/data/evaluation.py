@@ -11,7 +11,11 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from grounding.constants import IGNORE_INDEX
+from grounding.data.label_maps import voc_palette
 
 from grounding.data.sampling import evaluation_sampler
 from grounding.data.synthetic import prepare_synthetic
@@ -114,3 +118,17 @@ class EvaluationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+class LabelMapOutput:
+    """For a DataModule whose methods predict label maps: the ignore label and the palette the label PNGs are
+    written in (read by ``LabelMapWriter`` and the segmentation modules)."""
+
+    @property
+    def ignore_index(self) -> int:
+        return IGNORE_INDEX
+
+    @property
+    def palette(self) -> torch.Tensor:
+        """(256, 3) uint8 PASCAL VOC palette for label PNGs (entry 255, ignore, is VOC's border colour)."""
+        return torch.from_numpy(voc_palette(256))

@@ -35,12 +35,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from grounding.constants import IGNORE_INDEX
-from grounding.data.evaluation import EvaluationDataModule, RecordDataset
+from grounding.data.evaluation import EvaluationDataModule, LabelMapOutput, RecordDataset
 from grounding.data.images import IMAGE_SUFFIXES, ImageReadError, image_tensor, read_rgb_image
-from grounding.data.label_maps import voc_palette
 from grounding.data.skips import SkipReport, UnreadableImage
 
 log = logging.getLogger(__name__)
@@ -165,7 +161,7 @@ class ImageFolderDataset(RecordDataset):
         return {"image_id": image_id, "image": image, "path": str(path)}
 
 
-class ImageFolderDataModule(EvaluationDataModule):
+class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
     """The user's images for ``Trainer.predict`` (see the module docstring).
 
     Args:
@@ -219,15 +215,6 @@ class ImageFolderDataModule(EvaluationDataModule):
         """The index of a class named "background", else None."""
         names = [name.lower() for name in self.class_names]
         return names.index("background") if "background" in names else None
-
-    @property
-    def ignore_index(self) -> int:
-        return IGNORE_INDEX
-
-    @property
-    def palette(self) -> torch.Tensor:
-        """(256, 3) uint8 PASCAL VOC palette for the label PNGs."""
-        return torch.from_numpy(voc_palette(256))
 
     def resolve_out_dir(self) -> Path:
         """``out_dir``, or ``<run folder>/predictions`` (a collective call under DDP: every process makes it)."""

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from grounding.constants import IGNORE_INDEX
-from grounding.data.evaluation import EvaluationDataModule, RecordDataset
+from grounding.data.evaluation import EvaluationDataModule, LabelMapOutput, RecordDataset
 from grounding.data.images import image_tensor, read_rgb_image
-from grounding.data.label_maps import voc_palette
 from grounding.data.segmentation_readers import (
     VOC_PROMPT_NAMES,
     SegmentationRecord,
@@ -68,7 +67,7 @@ class SegmentationDataset(RecordDataset):
 
 
 # ------------------------------------------------------------------------------------- DataModule
-class SegmentationDataModule(EvaluationDataModule):
+class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
     """Semantic-segmentation batches for test-time methods: ``test_dataloader`` / ``predict_dataloader``
     yield lists of ``SegmentationDataset`` samples.
 
@@ -176,11 +175,3 @@ class SegmentationDataModule(EvaluationDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def ignore_index(self) -> int:
-        return IGNORE_INDEX
-
-    @property
-    def palette(self) -> torch.Tensor:
-        """(256, 3) uint8 PASCAL VOC palette for label PNGs (entry 255, ignore, is VOC's border colour)."""
-        return torch.from_numpy(voc_palette(256))

@@ -15,6 +15,7 @@ so the sum counts each image once.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torchmetrics import Metric
