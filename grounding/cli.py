@@ -779,10 +779,9 @@ def predict(args: list[str] | None = None) -> dict:
             if missing:
                 log.warning("%d of %d images have no prediction (unreadable): %s", len(missing), len(data.ids), "; ".join(missing[:20]))
             everything = [records[image_id] for image_id in sorted(records) if records[image_id] is not None]
-            text = json.dumps(everything, indent=1)
-            from grounding.utils import write_atomic
+            from grounding.utils import write_json_atomic
 
-            write_atomic(out_dir / "predictions.json", lambda temporary: Path(temporary).write_text(text))
+            write_json_atomic(out_dir / "predictions.json", everything, indent=1)
             print_json(summary, stdout)
     return summary
 

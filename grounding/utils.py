@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +36,13 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_json_atomic(path: str | Path, payload: object, indent: int | None = None) -> None:
+    """``payload`` as JSON (UTF-8) at ``path``, written through ``write_atomic``."""
+
+    def dump(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            json.dump(payload, stream, indent=indent)
+
+    write_atomic(path, dump)

@@ -26,7 +26,7 @@ from torchvision.ops import box_convert
 from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
 from grounding.data.prompts import Prompt, build_prompts, category_scores
 from grounding.lightning.guards import NonFiniteGuard
-from grounding.metrics.coco_eval import CocoBoxMetric, write_json_atomic
+from grounding.metrics.coco_eval import CocoBoxMetric
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig
 from grounding.models.denoising import ContrastiveDenoising, DenoisingConfig, denoising_training
 from grounding.models.grounding_dino import (
@@ -37,6 +37,7 @@ from grounding.models.grounding_dino import (
     parameter_groups,
     trained_proposals,
 )
+from grounding.utils import write_json_atomic
 from grounding.visualize import denormalize, detection_panel, mask_panels, upscale
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ hand back to the main process too.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 
 from grounding.data.image_folder import ImageFolderDataModule, record_path
 from grounding.lightning.label_writer import LabelMapWriter, _checked_id, write_rgb_png
-from grounding.utils import write_atomic
+from grounding.utils import write_json_atomic
 from grounding.visualize import PRED_COLOR, draw_boxes, overlay_heatmap
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,7 @@ log = logging.getLogger(__name__)
 
 def write_record(out_dir: Path, record: dict) -> None:
     """``records/<id>.json``, atomically."""
-    text = json.dumps(record, indent=1)
-    write_atomic(record_path(out_dir, _checked_id(record["image_id"])), lambda temporary: Path(temporary).write_text(text))
+    write_json_atomic(record_path(out_dir, _checked_id(record["image_id"])), record, indent=1)
 
 
 class ImagePredictionWriter(Callback):

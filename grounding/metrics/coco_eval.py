@@ -20,27 +20,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
 from pathlib import Path
 
 import torch
 from torchmetrics import Metric
 
-from grounding.utils import write_atomic
 
 #: COCOeval's 12 summary numbers, in ``stats`` order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def write_json_atomic(path: str | Path, payload: object) -> None:
-    """Write JSON next to ``path`` and rename over it: an interrupted write never leaves a partial file."""
-
-    def dump(temporary: str) -> None:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream)
-
-    write_atomic(path, dump)
 
 
 def ground_truth_of_file(annotation_file: str | Path):

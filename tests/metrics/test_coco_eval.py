@@ -9,7 +9,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from grounding.metrics.coco_eval import COCO_STAT_NAMES, CocoBoxMetric, coco_evaluate, write_json_atomic
+from grounding.metrics.coco_eval import COCO_STAT_NAMES, CocoBoxMetric, coco_evaluate
+from grounding.utils import write_json_atomic
 
 
 def direct_cocoeval(annotation_file, detections, image_ids):
