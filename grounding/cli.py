@@ -681,7 +681,7 @@ def evaluate(args: list[str] | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------------- predict
 #: the LightningModules grounding-predict runs on the user's images (class names, for the error of another)
-PREDICT_MODULES = ("ImageGroundingModule", "GEMSegmentationModule", "InvSegModule")
+PREDICT_MODULES = ("ImageGroundingModule", "GEMSegmentationModule", "InvSegModule", "MaskInversionModule")
 IMAGE_FOLDER_DATA = "grounding.data.image_folder.ImageFolderDataModule"
 
 
@@ -693,6 +693,10 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", default=None, help="class names separated by commas: 'red circle, blue square' "
                         "(a class 'background' is the background class of the segmentation methods)")
     parser.add_argument("--text", default=None, help="detector only: a free prompt, 'the red circle . a blue square'")
+    parser.add_argument("--masks", default=None, metavar="DIR", help="MaskInversion: the regions, DIR/<image id>.png "
+                        "(each non-zero value a region) or DIR/<image id>/<region>.png (binary masks)")
+    parser.add_argument("--boxes", default=None, metavar="FILE", help="MaskInversion: the regions as pixel boxes, "
+                        "a JSON file {image id: [[x0, y0, x1, y1], ...]}")
     parser.add_argument("--out", default=None, help="output folder (default RUN/predictions); its complete outputs are not redone")
     parser.add_argument("--recursive", action="store_true", help="read the sub-folders of a folder too")
     parser.add_argument("--redo", action="store_true", help="predict every image again, also those with complete outputs")
@@ -722,10 +726,28 @@ def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
         classes = parse_classes(options.classes)
     except ValueError as error:
         exit_with_error(str(error))
-    data = {"inputs": options.inputs or ["."], "classes": classes, "text": options.text, "out_dir": options.out,
+    data = {"inputs": options.inputs or ["."], "classes": classes, "text": options.text, "masks": options.masks,
+            "boxes": options.boxes, "out_dir": options.out,
             "recursive": options.recursive, "skip_existing": not options.redo, "batch_size": options.batch_size}
     flags = [f"--data.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items() if v is not None]
     return options, [*resolve_arguments(rest), "--data", IMAGE_FOLDER_DATA, *flags]
+
+
+def predict_problem(method: str, options: argparse.Namespace) -> None:
+    """Exit with the error of options that ``method`` (a LightningModule class name) cannot take."""
+    if method not in PREDICT_MODULES:
+        exit_with_error(f"grounding-predict does not run {method} yet; it runs {', '.join(PREDICT_MODULES)} "
+                        "(configs/image, configs/gem, configs/invseg, configs/maskinversion)")
+    regions = options.masks is not None or options.boxes is not None
+    if (method == "MaskInversionModule") != regions:
+        exit_with_error("--masks / --boxes: MaskInversion needs the regions to embed (one of them)" if not regions
+                        else f"--masks / --boxes are MaskInversion's regions; {method} does not take them")
+    if method == "ImageGroundingModule" and (options.classes is None) == (options.text is None):
+        exit_with_error("--classes / --text: give one of them to the detector, not both")
+    if method != "ImageGroundingModule" and options.text is not None:
+        exit_with_error(f"--text is the detector's free prompt; {method} takes --classes")
+    if method not in ("ImageGroundingModule", "MaskInversionModule") and options.classes is None:
+        exit_with_error(f"--classes: {method} segments the classes given (--text is the detector's)")
 
 
 def predict(args: list[str] | None = None) -> dict:
@@ -734,7 +756,10 @@ def predict(args: list[str] | None = None) -> dict:
     folder's images, sorted by id), returns the printed summary."""
     args = list(sys.argv[1:] if args is None else args)
     options, command = predict_arguments(args)
-    config_data = config_sections(command[: command.index("--data")]).get("data", (None, {}, None))[1]
+    sections = config_sections(command[: command.index("--data")])
+    config_data = sections.get("data", (None, {}, None))[1]
+    if "model" in sections and "--help" not in args and "-h" not in args:  # before building anything
+        predict_problem(sections["model"][0].rsplit(".", 1)[-1], options)
     with warnings.catch_warnings():  # sys.argv is left as given: DDP's other processes make the same command line
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
         cli = build_cli(command)
@@ -744,16 +769,10 @@ def predict(args: list[str] | None = None) -> dict:
 
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     method = type(model).__name__
-    if method not in PREDICT_MODULES:
-        exit_with_error(f"grounding-predict does not run {method} ({_class_path(type(model))}) yet; it runs "
-                        f"{', '.join(PREDICT_MODULES)} (configs/image, configs/gem, configs/invseg)")
-    if method != "ImageGroundingModule" and options.classes is None:
-        exit_with_error(f"--classes: {method} segments the classes given (--text is the detector's)")
+    predict_problem(method, options)
     if method == "InvSegModule" and model.hparams.categories == "oracle":
         exit_with_error("--model.categories oracle needs ground truth; use all (the classes given) or filter")
     if method == "ImageGroundingModule":
-        if (options.classes is None) == (options.text is None):
-            exit_with_error("--classes / --text: give one of them to the detector, not both")
         model.predict_settings = {
             "classes": data.class_names if options.text is None else None, "text": options.text,
             "box_threshold": options.box_threshold, "text_threshold": options.text_threshold, "top_k": options.top_k,
@@ -777,7 +796,8 @@ def predict(args: list[str] | None = None) -> dict:
             records = {image_id: complete_record(out_dir, image_id) for image_id in data.ids}
             missing = [str(file) for image_id, file in zip(data.ids, data.files) if records[image_id] is None]
             if missing:
-                log.warning("%d of %d images have no prediction (unreadable): %s", len(missing), len(data.ids), "; ".join(missing[:20]))
+                log.warning("%d of %d images have no prediction (unreadable, or without regions): %s", len(missing),
+                            len(data.ids), "; ".join(missing[:20]))
             everything = [records[image_id] for image_id in sorted(records) if records[image_id] is not None]
             from grounding.utils import write_json_atomic
 

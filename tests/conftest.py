@@ -27,3 +27,12 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def trained_detector(synthetic_root, tmp_path_factory):
+    """Two training steps of the test-sized detector, saved by the Trainer (``train_checkpoint``): ``.module``,
+    ``.data``, ``.path``."""
+    from .models.test_detector import train_checkpoint
+
+    return train_checkpoint(synthetic_root, tmp_path_factory.mktemp("detector_run"))

@@ -17,15 +17,15 @@ import torch
 from grounding.export import main
 from grounding.models.detector import GroundingDetector
 
-from .models.test_detector import Marker, photo, train_checkpoint
+from .models.test_detector import Marker, photo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Use it on your own images"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_root, tmp_path_factory):
-    return train_checkpoint(synthetic_root, tmp_path_factory.mktemp("export_run")).path
+def checkpoint(trained_detector):
+    return trained_detector.path
 
 
 def error_line(capsys) -> str:

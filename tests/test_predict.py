@@ -113,6 +113,7 @@ def test_detector_records_are_grounding_detector_records(images, tmp_path, capsy
 
 @pytest.mark.parametrize("args, message", [
     (["--classes", " , "], "classes (--classes) is empty"),
+    (["--classes", "a", "--masks", "."], "--masks / --boxes are MaskInversion's regions; GEMSegmentationModule does not take them"),
     (["--classes", "a", "--inputs", "no/such/folder"], "no such file or folder: no/such/folder"),
 ])
 def test_clear_errors(images, args, message, capsys):
@@ -125,11 +126,11 @@ def test_clear_errors(images, args, message, capsys):
 
 def test_unsupported_method_is_named(images, capsys):
     with pytest.raises(SystemExit) as raised:
-        predict(["--config", "configs/maskinversion/synthetic.yaml", "--trainer.logger", "false",
+        predict(["--config", "configs/mimic/synthetic.yaml", "--trainer.logger", "false",
                  "--inputs", str(images), "--classes", "a", "--trainer.default_root_dir", str(images)])
     assert raised.value.code == 2
     error = capsys.readouterr().err
-    assert "does not run MaskInversionModule" in error and "GEMSegmentationModule" in error
+    assert "does not run MimicModule" in error and "MaskInversionModule" in error
 
 
 @pytest.mark.slow

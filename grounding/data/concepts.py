@@ -20,6 +20,7 @@ targets, none repeated (like every evaluation DataModule), so every target is sy
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,15 @@ from grounding.data.synthetic import category_folder, load_meta, write_synthetic
 FORMATS = ("file", "synthetic")
 TARGET_KEYS = ("id", "prompt", "target", "references", "verifier_class")
 DEFAULT_PROMPT = "What is in the image?"
+
+
+def target_id(text: str) -> str:
+    """The id (and output file name) of a target given as text alone: its words joined by "_", every character
+    but letters, digits, "-" and "." replaced by "_" ("a red circle" -> "a_red_circle")."""
+    name = re.sub(r"[^\w.-]+", "_", "_".join(str(text).split())).strip("_.")
+    if not name:
+        raise ValueError(f"target {text!r} gives no usable id (it needs a letter or a digit)")
+    return name
 
 
 def _target_id(entry: dict, index: int, path: Path) -> str:

@@ -38,11 +38,12 @@ from typing import Any, Sequence
 from grounding.data.evaluation import EvaluationDataModule, LabelMapOutput, RecordDataset
 from grounding.data.images import IMAGE_SUFFIXES, ImageReadError, image_tensor, read_rgb_image
 from grounding.data.skips import SkipReport, UnreadableImage
+from grounding.data.user_masks import MaskSource
 
 log = logging.getLogger(__name__)
 
-#: the keys of a record that name output files (relative to the output folder): a path or a {name: path} map
-OUTPUT_KEYS = ("drawn", "label_map", "overlay", "heatmaps")
+#: the keys of a record that name output files (relative to the output folder): a path, a list or a {name: path} map
+OUTPUT_KEYS = ("drawn", "label_map", "overlay", "heatmaps", "embeddings", "maps", "images")
 
 
 def _list_file(path: Path) -> list[Path]:
@@ -150,7 +151,12 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
 
 
 class ImageFolderDataset(RecordDataset):
-    """``(image id, path)`` records read as samples, or an ``UnreadableImage`` for a file that cannot be read."""
+    """``(image id, path)`` records read as samples, or an ``UnreadableImage`` for a file that cannot be read;
+    with a ``MaskSource`` each sample also holds its ``region_ids`` and ``masks`` (R, H, W)."""
+
+    def __init__(self, records: list, class_names: Sequence[str], mask_source: MaskSource | None = None) -> None:
+        super().__init__(records, class_names)
+        self.mask_source = mask_source
 
     def __getitem__(self, index: int) -> dict | UnreadableImage:
         image_id, path = self.records[index]
@@ -158,7 +164,10 @@ class ImageFolderDataset(RecordDataset):
             image = image_tensor(read_rgb_image(path))
         except (ImageReadError, OSError) as error:
             return UnreadableImage(str(path), image_id, str(error))
-        return {"image_id": image_id, "image": image, "path": str(path)}
+        sample = {"image_id": image_id, "image": image, "path": str(path)}
+        if self.mask_source is not None:
+            sample["region_ids"], sample["masks"] = self.mask_source.regions(image_id, *image.shape[-2:])
+        return sample
 
 
 class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
@@ -169,6 +178,9 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
         classes: class names (a list, or one string separated by commas); the detector takes these or ``text``,
             the segmentation methods need these.
         text: a free prompt for the detector (``"the red circle . a blue square"``).
+        masks, boxes: MaskInversion's regions (``grounding.data.user_masks.MaskSource``): a folder of masks
+            (``<image id>.png`` label maps or ``<image id>/`` folders of binary PNGs), or a JSON file of pixel boxes
+            ``{image id: [[x0, y0, x1, y1], ...]}``; images without regions are left out with a warning.
         out_dir: the output folder (default ``<run folder>/predictions``); images whose outputs are complete
             there are left out.
         recursive: read the sub-folders of a folder too.
@@ -181,6 +193,8 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
         inputs: list[str],
         classes: list[str] | str | None = None,
         text: str | None = None,
+        masks: str | None = None,
+        boxes: str | None = None,
         out_dir: str | None = None,
         recursive: bool = False,
         skip_existing: bool = True,
@@ -193,10 +207,15 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
         self.classes = parse_classes(classes)
         if text is not None and not text.strip():
             raise ValueError(f"text (--text) is empty: give a prompt such as 'the red circle . a blue square'; got {text!r}")
-        if self.classes is None and text is None:
+        self.mask_source = MaskSource(masks, boxes) if masks is not None or boxes is not None else None
+        if self.classes is None and text is None and self.mask_source is None:
             raise ValueError("give the classes to find (--classes 'red circle, blue square') or, for the detector, a prompt (--text)")
         self.files = list_images(inputs, recursive)
         self.ids = image_ids(self.files)
+        self.without_regions = self.mask_source.missing(self.ids) if self.mask_source is not None else []
+        if self.without_regions and len(self.without_regions) == len(self.ids):
+            raise ValueError(f"no image of inputs (--inputs) has regions in {masks or boxes}: "
+                             f"e.g. {self.ids[0]} needs {masks + '/' + self.ids[0] + '.png' if masks else 'an entry ' + repr(self.ids[0])}")
         self.out_dir: Path | None = Path(out_dir) if out_dir is not None else None
         self.skipped_existing = 0
         self.report = SkipReport("images to predict")
@@ -237,11 +256,17 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
             done = trainer.strategy.broadcast(done, src=0)  # the same list on every process
         finished = set(done)
         self.skipped_existing = len(finished)
+        if self.without_regions:
+            for image_id in self.without_regions:
+                self.report.add("no regions", image_id)
+            log.warning("%s: %d images have no regions (masks or boxes) and are left out: %s", self.report.source,
+                        len(self.without_regions), ", ".join(self.without_regions[:10]))
+        finished |= set(self.without_regions)
         records = [(image_id, file) for image_id, file in zip(self.ids, self.files) if image_id not in finished]
-        if finished:
+        if self.skipped_existing:
             log.info("%s: %d of %d images already have their outputs in %s (left out)", self.report.source,
-                     len(finished), len(self.ids), out_dir)
-        self.dataset = ImageFolderDataset(records, self.class_names)
+                     self.skipped_existing, len(self.ids), out_dir)
+        self.dataset = ImageFolderDataset(records, self.class_names, self.mask_source)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The batch without its unreadable images, each counted and named in a warning."""

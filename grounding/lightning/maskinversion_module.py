@@ -105,7 +105,9 @@ class MaskInversionModule(TestTimeModule):
 
     # ------------------------------------------------------------------------------------- set-up
     def classes_from(self, datamodule) -> None:
-        if self.hparams.protocol == "class":
+        if getattr(datamodule, "mask_source", None) is not None:  # the user's regions: classes only when given
+            self.class_names, self._class_text = list(datamodule.class_names), None
+        elif self.hparams.protocol == "class":
             self.set_classes(list(datamodule.class_names))
 
     def set_classes(self, class_names: list[str]) -> None:
@@ -165,6 +167,44 @@ class MaskInversionModule(TestTimeModule):
             text = self.backbone.encode_text(candidates)
         return rows, text, [[position[e] for e in sample["expressions"][r]] for r in rows]
 
+    def describe_regions(self, samples: list[dict], classes: list[str] | None = None) -> list[dict]:
+        """The user's regions (``samples``: ``{"image_id", "image", "path", "region_ids", "masks"}``) -> per image
+        ``{"image_id", "path", "method", "regions": [{"region_id", "box", "area"[, "label", "score"]}],
+        "embeddings": (R, P), "maps": (R, H, W) | None}``: the embeddings of the first of ``methods``
+        (MaskInversion's LETs by default) and the LeGrad maps of its last iteration; with ``classes`` each region's
+        best-matching class by cosine with ``template`` (``score``: that cosine)."""
+        from grounding.data.user_masks import mask_box
+
+        method = self.methods[0]
+        text = None
+        if classes:
+            with torch.no_grad():
+                text = torch.nn.functional.normalize(self.backbone.encode_text([self.hparams.template.format(c) for c in classes]).float(), dim=-1)
+        records = []
+        for sample in samples:
+            masks = sample["masks"]
+            embeddings, inversion = self.embed_regions(sample["image"], masks, want_maps=method == "maskinversion")
+            values = embeddings[method].detach().float().cpu()
+            regions = [{"region_id": str(region), "box": mask_box(mask), "area": int(mask.sum())}
+                       for region, mask in zip(sample["region_ids"], masks)]
+            if text is not None:
+                cosine = torch.nn.functional.normalize(values, dim=-1) @ text.cpu().T
+                best = cosine.max(-1)
+                for region, index, value in zip(regions, best.indices.tolist(), best.values.tolist()):
+                    region.update(label=classes[index], score=float(value))
+            maps = inversion.maps.detach().float().cpu() if inversion is not None and inversion.maps is not None else None
+            records.append({"image_id": str(sample["image_id"]), "path": sample.get("path"), "method": method,
+                            "regions": regions, "embeddings": values, "maps": maps})
+        return records
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """A ``RegionDataModule`` batch: as ``test_step`` without scoring (embeddings written at the epoch's end).
+        The user's images with their regions (``ImageFolderDataModule`` with masks or boxes): ``describe_regions``
+        with the DataModule's classes."""
+        if batch and "class_names" not in batch[0]:
+            return self.describe_regions(batch, self.class_names or None)
+        return self.process(batch, score=False)
+
     def process(self, batch: list[dict], score: bool) -> list[dict]:
         results = []
         for sample in batch:
@@ -207,7 +247,8 @@ class MaskInversionModule(TestTimeModule):
         self._write_predictions("test")
 
     def on_predict_epoch_end(self) -> None:
-        self._write_predictions("predict")
+        if getattr(self.trainer.datamodule, "mask_source", None) is None:  # the user's regions: the writer's files
+            self._write_predictions("predict")
 
     def _write_predictions(self, stage: str) -> None:
         outputs = self.gather(self._outputs)  # a collective call under DDP: every rank makes it

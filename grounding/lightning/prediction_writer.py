@@ -8,11 +8,19 @@ files already complete; ``grounding.data.image_folder.complete_record`` is what 
   ``drawn/<id>.png``, the boxes over the image (``grounding.visualize.draw_boxes``, labelled "name 0.87"),
   and ``records/<id>.json``: the detector's record (boxes x0 y0 x1 y1 in the image's pixels, scores, labels,
   width, height) plus ``image_id``, ``path`` and ``drawn``.
-- segmentation (GEM, InvSeg: ``predict_step`` returns ``{"image_ids", "label_maps"}``, GEM also ``heatmaps``):
-  ``labels/<id>.png`` (palette PNG, pixel value = class index) and ``labels_overlays/<id>.png`` (the map over
-  the image with a legend), both by ``LabelMapWriter``; for GEM ``heatmaps/<id>/<index>.png``, each class's
-  min-max scaled similarity map over the image; and ``records/<id>.json``: ``{"image_id", "path",
-  "classes", "label_map", "overlay", "heatmaps": {class: path}}``, paths relative to the output folder.
+- segmentation (GEM, InvSeg: ``predict_step`` returns ``{"image_ids", "label_maps"}``, GEM also ``heatmaps``,
+  made records by ``grounding.predictor.segmentation_records``): ``labels/<id>.png`` (palette PNG, pixel value =
+  class index) and ``labels_overlays/<id>.png`` (the map over the image with a legend); for GEM
+  ``heatmaps/<id>/<index>.png``, each class's min-max scaled similarity map over the image; and
+  ``records/<id>.json``: ``{"image_id", "path", "classes", "label_map", "overlay", "heatmaps": {class: path}}``,
+  paths relative to the output folder.
+- regions (MaskInversion: ``predict_step`` returns ``MaskInversionModule.describe_regions`` records):
+  ``embeddings/<id>.pt`` (``torch.load(..., weights_only=True)`` gives ``{"image_id", "region_ids",
+  "embeddings": (R, P), "method"}``), ``maps/<id>/<region>.png`` (each region's LeGrad map over the image) and
+  ``records/<id>.json``: ``{"image_id", "path", "method", "regions": [{"region_id", "box", "area"[, "label",
+  "score"]}], "embeddings", "maps": {region: path}}``.
+
+The records are those of ``grounding.predictor.Predictor`` with a file's path wherever that holds a tensor.
 
 At the end of the run the counts of every process are summed into ``trainer.callback_metrics``
 (``predict/predicted``, ``predict/unreadable``, ``predict/skipped_existing``), which the spawning strategies
@@ -29,16 +37,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from grounding.data.image_folder import ImageFolderDataModule, record_path
-from grounding.lightning.label_writer import LabelMapWriter, _checked_id, write_rgb_png
-from grounding.utils import write_json_atomic
-from grounding.visualize import PRED_COLOR, draw_boxes, overlay_heatmap
+from grounding.lightning.label_writer import _checked_id, write_label_png, write_rgb_png
+from grounding.predictor import draw_record, segmentation_records
+from grounding.utils import write_atomic, write_json_atomic
+from grounding.visualize import labelled_overlay, overlay_heatmap
 
 log = logging.getLogger(__name__)
-
-
-def write_record(out_dir: Path, record: dict) -> None:
-    """``records/<id>.json``, atomically."""
-    write_json_atomic(record_path(out_dir, _checked_id(record["image_id"])), record, indent=1)
 
 
 class ImagePredictionWriter(Callback):
@@ -46,7 +50,7 @@ class ImagePredictionWriter(Callback):
 
     def __init__(self) -> None:
         self.out_dir: Path | None = None
-        self.labels: LabelMapWriter | None = None
+        self.palette: torch.Tensor | None = None
         self.predicted = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -54,49 +58,53 @@ class ImagePredictionWriter(Callback):
         if not isinstance(datamodule, ImageFolderDataModule):
             raise RuntimeError(f"ImagePredictionWriter writes predictions of an ImageFolderDataModule, not {type(datamodule).__name__}")
         self.out_dir = datamodule.resolve_out_dir()
-        self.labels = LabelMapWriter(out_dir=str(self.out_dir / "labels"))
-        self.labels.setup(trainer, pl_module, stage)
+        self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
         self.predicted = 0
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         samples = {str(sample["image_id"]): sample for sample in batch}
-        if isinstance(outputs, list):
-            for record in outputs:
-                self._write_detection(record, samples[str(record["image_id"])])
-        elif isinstance(outputs, dict) and "label_maps" in outputs:
-            self._write_segmentation(outputs, samples, trainer.datamodule.class_names)
-        else:
+        if isinstance(outputs, dict) and "label_maps" in outputs:
+            outputs = segmentation_records(outputs, batch, trainer.datamodule.class_names)
+        if not isinstance(outputs, list):
             raise RuntimeError(f"{type(pl_module).__name__}.predict_step returned {type(outputs).__name__}, which "
                                "ImagePredictionWriter cannot write")
+        for record in outputs:
+            self.write(record, samples[str(record["image_id"])])
 
-    def _write_detection(self, record: dict, sample: dict) -> None:
-        image_id = _checked_id(record["image_id"])
-        labels = [f"{label} {score:.2f}" for label, score in zip(record["labels"], record["scores"])]
-        drawn = draw_boxes(sample["image"], torch.tensor(record["boxes"]).reshape(-1, 4), labels, PRED_COLOR)
-        name = f"drawn/{image_id}.png"
-        write_rgb_png(self.out_dir / name, drawn)
-        write_record(self.out_dir, {**record, "drawn": name})
+    def write(self, record: dict, sample: dict) -> None:
+        """The files of one in-memory record, then its JSON record (naming them)."""
+        name = _checked_id(record["image_id"])
+        image = sample["image"]
+        if "boxes" in record:
+            record = {**record, "drawn": f"drawn/{name}.png"}
+            write_rgb_png(self.out_dir / record["drawn"], draw_record(record, image))
+        elif "label_map" in record:
+            labels = record["label_map"]
+            files = {"label_map": f"labels/{name}.png", "overlay": f"labels_overlays/{name}.png"}
+            write_label_png(self.out_dir / files["label_map"], labels, self.palette)
+            write_rgb_png(self.out_dir / files["overlay"], labelled_overlay(image, labels, record["classes"], self.palette))
+            if "heatmaps" in record:
+                index = {class_name: i for i, class_name in enumerate(record["classes"])}
+                files["heatmaps"] = {}
+                for class_name, heat in record["heatmaps"].items():
+                    path = f"heatmaps/{name}/{index[class_name]}.png"
+                    write_rgb_png(self.out_dir / path, overlay_heatmap(image, heat))
+                    files["heatmaps"][class_name] = path
+            record = {**record, **files}
+        elif "regions" in record:
+            region_ids = [region["region_id"] for region in record["regions"]]
+            payload = {"image_id": name, "region_ids": region_ids, "embeddings": record["embeddings"], "method": record["method"]}
+            files = {"embeddings": f"embeddings/{name}.pt", "maps": {}}
+            write_atomic(self.out_dir / files["embeddings"], lambda temporary: torch.save(payload, temporary))
+            for region, heat in zip(region_ids, record["maps"] if record["maps"] is not None else []):
+                path = f"maps/{name}/{_checked_id(region)}.png"
+                write_rgb_png(self.out_dir / path, overlay_heatmap(image, heat))
+                files["maps"][region] = path
+            record = {**record, **files}
+        else:
+            raise RuntimeError(f"ImagePredictionWriter cannot write a record with keys {sorted(record)}")
+        write_json_atomic(record_path(self.out_dir, name), record, indent=1)
         self.predicted += 1
-
-    def _write_segmentation(self, outputs: dict, samples: dict, class_names: list[str]) -> None:
-        batch = list(samples.values())
-        self.labels.write(outputs)
-        self.labels.write_overlays(outputs, batch)
-        heatmaps = outputs.get("heatmaps") or [None] * len(outputs["image_ids"])
-        for image_id, maps in zip(outputs["image_ids"], heatmaps):
-            name = _checked_id(image_id)
-            sample = samples[str(image_id)]
-            record = {"image_id": name, "path": sample["path"], "classes": list(class_names),
-                      "label_map": f"labels/{name}.png", "overlay": f"labels_overlays/{name}.png"}
-            if maps is not None:
-                record["heatmaps"] = {}
-                for class_name, index, heat in zip(maps["classes"], maps["indices"], maps["maps"]):
-                    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
-                    path = f"heatmaps/{name}/{index}.png"
-                    write_rgb_png(self.out_dir / path, overlay_heatmap(sample["image"], heat))
-                    record["heatmaps"][class_name] = path
-            write_record(self.out_dir, record)
-            self.predicted += 1
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule

@@ -70,8 +70,8 @@ def photo(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory):
-    return train_checkpoint(synthetic_root, tmp_path_factory.mktemp("detector_run"))
+def trained(trained_detector):
+    return trained_detector
 
 
 @pytest.fixture(scope="module")
