@@ -681,8 +681,11 @@ def evaluate(args: list[str] | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------------- predict
 #: the LightningModules grounding-predict runs on the user's images (class names, for the error of another)
-PREDICT_MODULES = ("ImageGroundingModule", "GEMSegmentationModule", "InvSegModule", "MaskInversionModule")
+PREDICT_MODULES = ("ImageGroundingModule", "GEMSegmentationModule", "InvSegModule", "MaskInversionModule", "MimicModule")
+#: those among them that synthesize images from target texts (--classes) instead of reading images
+SYNTHESIS_MODULES = ("MimicModule",)
 IMAGE_FOLDER_DATA = "grounding.data.image_folder.ImageFolderDataModule"
+TARGET_TEXT_DATA = "grounding.data.image_folder.TargetTextDataModule"
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -713,12 +716,19 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(the predict options, the command line for ``build_cli``: the config's data replaced by the images)."""
+    """(the predict options, the command line for ``build_cli``: the config's data replaced by the images, or by
+    the target texts for an image-synthesis method)."""
     parser = predict_parser()
-    if "--help" in args or "-h" in args:
+    asks_help = "--help" in args or "-h" in args
+    if asks_help:
         sys.stdout.write(parser.format_help().replace("usage:", "grounding-predict options:", 1) + "\n")
     options, rest = parser.parse_known_args(args)
-    if options.inputs is None and "--help" not in args and "-h" not in args:
+    resolved = resolve_arguments(rest)
+    method = config_sections(resolved).get("model", ("",))[0].rsplit(".", 1)[-1]
+    synthesis = method in SYNTHESIS_MODULES
+    if synthesis and options.inputs is not None:
+        exit_with_error(f"--inputs: {method} synthesizes images from the target texts of --classes; it reads no images")
+    if options.inputs is None and not synthesis and not asks_help:
         exit_with_error("--inputs: give the images to predict (files, folders or .txt lists of paths)")
     from grounding.data.image_folder import parse_classes
 
@@ -726,27 +736,34 @@ def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
         classes = parse_classes(options.classes)
     except ValueError as error:
         exit_with_error(str(error))
-    data = {"inputs": options.inputs or ["."], "classes": classes, "text": options.text, "masks": options.masks,
-            "boxes": options.boxes, "out_dir": options.out,
-            "recursive": options.recursive, "skip_existing": not options.redo, "batch_size": options.batch_size}
+    common = {"classes": classes, "text": options.text, "out_dir": options.out, "skip_existing": not options.redo,
+              "batch_size": options.batch_size}
+    if synthesis:
+        data, data_class = common, TARGET_TEXT_DATA
+    else:
+        data = {"inputs": options.inputs or ["."], **common, "masks": options.masks, "boxes": options.boxes,
+                "recursive": options.recursive}
+        data_class = IMAGE_FOLDER_DATA
     flags = [f"--data.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items() if v is not None]
-    return options, [*resolve_arguments(rest), "--data", IMAGE_FOLDER_DATA, *flags]
+    return options, [*resolved, "--data", data_class, *flags]
 
 
 def predict_problem(method: str, options: argparse.Namespace) -> None:
     """Exit with the error of options that ``method`` (a LightningModule class name) cannot take."""
     if method not in PREDICT_MODULES:
         exit_with_error(f"grounding-predict does not run {method} yet; it runs {', '.join(PREDICT_MODULES)} "
-                        "(configs/image, configs/gem, configs/invseg, configs/maskinversion)")
+                        "(configs/image, configs/gem, configs/invseg, configs/maskinversion, configs/mimic)")
     regions = options.masks is not None or options.boxes is not None
     if (method == "MaskInversionModule") != regions:
         exit_with_error("--masks / --boxes: MaskInversion needs the regions to embed (one of them)" if not regions
                         else f"--masks / --boxes are MaskInversion's regions; {method} does not take them")
     if method == "ImageGroundingModule" and (options.classes is None) == (options.text is None):
         exit_with_error("--classes / --text: give one of them to the detector, not both")
-    if method != "ImageGroundingModule" and options.text is not None:
-        exit_with_error(f"--text is the detector's free prompt; {method} takes --classes")
-    if method not in ("ImageGroundingModule", "MaskInversionModule") and options.classes is None:
+    if method not in ("ImageGroundingModule", *SYNTHESIS_MODULES) and options.text is not None:
+        exit_with_error(f"--text is the detector's free prompt (and MIMIC's question); {method} takes --classes")
+    if method in SYNTHESIS_MODULES and options.classes is None:
+        exit_with_error(f"--classes: {method} synthesizes an image for each target text given: 'a red circle, a blue square'")
+    if method not in ("ImageGroundingModule", "MaskInversionModule", *SYNTHESIS_MODULES) and options.classes is None:
         exit_with_error(f"--classes: {method} segments the classes given (--text is the detector's)")
 
 
@@ -794,7 +811,7 @@ def predict(args: list[str] | None = None) -> dict:
                    "run_dir": run_dir}
         if trainer.is_global_zero:
             records = {image_id: complete_record(out_dir, image_id) for image_id in data.ids}
-            missing = [str(file) for image_id, file in zip(data.ids, data.files) if records[image_id] is None]
+            missing = [source for image_id, source in zip(data.ids, data.sources) if records[image_id] is None]
             if missing:
                 log.warning("%d of %d images have no prediction (unreadable, or without regions): %s", len(missing),
                             len(data.ids), "; ".join(missing[:20]))

@@ -126,11 +126,11 @@ def test_clear_errors(images, args, message, capsys):
 
 def test_unsupported_method_is_named(images, capsys):
     with pytest.raises(SystemExit) as raised:
-        predict(["--config", "configs/mimic/synthetic.yaml", "--trainer.logger", "false",
+        predict(["--config", "configs/image/synthetic.yaml", "--model", "grounding.lightning.gem_module.GEMPointModule",
                  "--inputs", str(images), "--classes", "a", "--trainer.default_root_dir", str(images)])
     assert raised.value.code == 2
     error = capsys.readouterr().err
-    assert "does not run MimicModule" in error and "MaskInversionModule" in error
+    assert "does not run GEMPointModule" in error and "MimicModule" in error
 
 
 @pytest.mark.slow

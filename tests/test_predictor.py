@@ -135,3 +135,26 @@ def test_bad_input_is_named(call, message):
     with pytest.raises((ValueError, TypeError)) as raised:
         call()
     assert message in str(raised.value)
+
+
+def test_mimic_through_grounding_predict_is_the_predictor_and_resumes(tmp_path, capsys):
+    settings = ["--model.synthesis.iterations", "2", "--model.synthesis.samples_per_target", "1"]
+    args = ["--config", "mimic/synthetic.yaml", *settings, "--trainer.logger", "false", "--progress.mode", "never",
+            "--text", "What is it?", "--out", str(tmp_path / "out"), "--trainer.default_root_dir", str(tmp_path)]
+    summary = predict([*args, "--classes", "a red circle"])
+    assert (summary["images"], summary["predicted"]) == (1, 1)
+    record = json.loads((tmp_path / "out" / "records" / "a_red_circle.json").read_text())
+    assert record["images"] == ["images/a_red_circle.png"] and record["prompt"] == "What is it?"
+    written = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / record["images"][0]))).permute(2, 0, 1)
+
+    predictor = Predictor.load("mimic/synthetic.yaml", synthesis={"iterations": 2, "samples_per_target": 1})
+    [expected] = predictor(classes=["a red circle"], text="What is it?")
+    assert torch.equal(written, expected["images"][0])  # same seed, same target id: the same image
+    assert record["answers"] == expected["answers"]
+
+    summary = predict([*args, "--classes", "a red circle, a blue square"])  # the first target is done: left out
+    assert (summary["images"], summary["predicted"], summary["skipped_existing"]) == (2, 1, 1)
+    assert [r["target_id"] for r in json.loads((tmp_path / "out" / "predictions.json").read_text())] == ["a_blue_square", "a_red_circle"]
+    with pytest.raises(SystemExit):
+        predict([*args, "--classes", "a cat", "--inputs", str(tmp_path)])
+    assert "MimicModule synthesizes images from the target texts of --classes; it reads no images" in capsys.readouterr().err

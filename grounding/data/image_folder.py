@@ -170,7 +170,82 @@ class ImageFolderDataset(RecordDataset):
         return sample
 
 
-class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
+class PredictionDataModule(LabelMapOutput, EvaluationDataModule):
+    """What ``grounding-predict`` runs on: items with ids (``self.ids``, one output record each), an output folder
+    whose complete records are left out, and the count of what could not be read. Subclasses set ``ids``,
+    ``sources`` (what each id was made from: a file, a text) and ``classes``, and define ``make_dataset``."""
+
+    def __init__(self, out_dir: str | None, skip_existing: bool, batch_size: int, num_workers: int, what: str) -> None:
+        super().__init__()
+        self.check_loader_settings("predict", None, batch_size, num_workers)
+        self.out_dir: Path | None = Path(out_dir) if out_dir is not None else None
+        self.skip_existing = skip_existing
+        self.ids: list[str] = []
+        self.sources: list[str] = []
+        self.classes: list[str] | None = None
+        self.left_out: list[str] = []  # ids with nothing to predict (set by a subclass)
+        self.skipped_existing = 0
+        self.report = SkipReport(what)
+        self.unreadable: list[UnreadableImage] = []
+
+    @property
+    def evaluation_split(self) -> str:
+        return "predict"
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes or [])
+
+    @property
+    def background_index(self) -> int | None:
+        """The index of a class named "background", else None."""
+        names = [name.lower() for name in self.class_names]
+        return names.index("background") if "background" in names else None
+
+    def resolve_out_dir(self) -> Path:
+        """``out_dir``, or ``<run folder>/predictions`` (a collective call under DDP: every process makes it)."""
+        if self.out_dir is None:
+            trainer = self.trainer
+            if trainer is None:
+                raise RuntimeError(f"{type(self).__name__} needs out_dir when it is not run by a Trainer")
+            self.out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+        return self.out_dir
+
+    def make_dataset(self, ids: list[str]) -> RecordDataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        out_dir = self.resolve_out_dir()
+        done: list[str] = []
+        trainer = self.trainer
+        if self.skip_existing and (trainer is None or trainer.is_global_zero):
+            done = [item for item in self.ids if complete_record(out_dir, item) is not None]
+        if trainer is not None and trainer.world_size > 1:
+            done = trainer.strategy.broadcast(done, src=0)  # the same list on every process
+        finished = set(done)
+        self.skipped_existing = len(finished)
+        if self.skipped_existing:
+            log.info("%s: %d of %d already have their outputs in %s (left out)", self.report.source,
+                     self.skipped_existing, len(self.ids), out_dir)
+        finished |= set(self.left_out)
+        self.dataset = self.make_dataset([item for item in self.ids if item not in finished])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The batch without its unreadable images, each counted and named in a warning."""
+        kept = []
+        for sample in batch:
+            if isinstance(sample, UnreadableImage):
+                self.unreadable.append(sample)
+                self.report.add("unreadable image", str(sample))
+                log.warning("%s: skipped unreadable image %d so far: %s", self.report.source, len(self.unreadable), sample)
+            else:
+                kept.append(sample)
+        return kept
+
+
+class ImageFolderDataModule(PredictionDataModule):
     """The user's images for ``Trainer.predict`` (see the module docstring).
 
     Args:
@@ -201,9 +276,8 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
     ):
-        super().__init__()
+        super().__init__(out_dir, skip_existing, batch_size, num_workers, "images to predict")
         self.save_hyperparameters()
-        self.check_loader_settings("predict", None, batch_size, num_workers)
         self.classes = parse_classes(classes)
         if text is not None and not text.strip():
             raise ValueError(f"text (--text) is empty: give a prompt such as 'the red circle . a blue square'; got {text!r}")
@@ -212,70 +286,68 @@ class ImageFolderDataModule(LabelMapOutput, EvaluationDataModule):
             raise ValueError("give the classes to find (--classes 'red circle, blue square') or, for the detector, a prompt (--text)")
         self.files = list_images(inputs, recursive)
         self.ids = image_ids(self.files)
-        self.without_regions = self.mask_source.missing(self.ids) if self.mask_source is not None else []
-        if self.without_regions and len(self.without_regions) == len(self.ids):
+        self.sources = [str(file) for file in self.files]
+        self.left_out = self.mask_source.missing(self.ids) if self.mask_source is not None else []
+        if self.left_out and len(self.left_out) == len(self.ids):
             raise ValueError(f"no image of inputs (--inputs) has regions in {masks or boxes}: "
                              f"e.g. {self.ids[0]} needs {masks + '/' + self.ids[0] + '.png' if masks else 'an entry ' + repr(self.ids[0])}")
-        self.out_dir: Path | None = Path(out_dir) if out_dir is not None else None
-        self.skipped_existing = 0
-        self.report = SkipReport("images to predict")
-        self.unreadable: list[UnreadableImage] = []
-
-    @property
-    def evaluation_split(self) -> str:
-        return "predict"
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.classes or [])
-
-    @property
-    def background_index(self) -> int | None:
-        """The index of a class named "background", else None."""
-        names = [name.lower() for name in self.class_names]
-        return names.index("background") if "background" in names else None
-
-    def resolve_out_dir(self) -> Path:
-        """``out_dir``, or ``<run folder>/predictions`` (a collective call under DDP: every process makes it)."""
-        if self.out_dir is None:
-            trainer = self.trainer
-            if trainer is None:
-                raise RuntimeError("ImageFolderDataModule needs out_dir when it is not run by a Trainer")
-            self.out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
-        return self.out_dir
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        out_dir = self.resolve_out_dir()
-        done: list[str] = []
-        trainer = self.trainer
-        if self.hparams.skip_existing and (trainer is None or trainer.is_global_zero):
-            done = [image_id for image_id in self.ids if complete_record(out_dir, image_id) is not None]
-        if trainer is not None and trainer.world_size > 1:
-            done = trainer.strategy.broadcast(done, src=0)  # the same list on every process
-        finished = set(done)
-        self.skipped_existing = len(finished)
-        if self.without_regions:
-            for image_id in self.without_regions:
-                self.report.add("no regions", image_id)
+        for image_id in self.left_out:
+            self.report.add("no regions", image_id)
+        if self.left_out:
             log.warning("%s: %d images have no regions (masks or boxes) and are left out: %s", self.report.source,
-                        len(self.without_regions), ", ".join(self.without_regions[:10]))
-        finished |= set(self.without_regions)
-        records = [(image_id, file) for image_id, file in zip(self.ids, self.files) if image_id not in finished]
-        if self.skipped_existing:
-            log.info("%s: %d of %d images already have their outputs in %s (left out)", self.report.source,
-                     self.skipped_existing, len(self.ids), out_dir)
-        self.dataset = ImageFolderDataset(records, self.class_names, self.mask_source)
+                        len(self.left_out), ", ".join(self.left_out[:10]))
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The batch without its unreadable images, each counted and named in a warning."""
-        kept = []
-        for sample in batch:
-            if isinstance(sample, UnreadableImage):
-                self.unreadable.append(sample)
-                self.report.add("unreadable image", str(sample))
-                log.warning("%s: skipped unreadable image %d so far: %s", self.report.source, len(self.unreadable), sample)
-            else:
-                kept.append(sample)
-        return kept
+    def make_dataset(self, ids: list[str]) -> ImageFolderDataset:
+        files = dict(zip(self.ids, self.files))
+        return ImageFolderDataset([(image_id, files[image_id]) for image_id in ids], self.class_names, self.mask_source)
+
+
+class TargetTextDataset(RecordDataset):
+    """Target texts as MIMIC's samples: ``{"image_id", "target_id", "prompt", "target", "references",
+    "verifier_class"}`` (no references, no verifier class)."""
+
+    def __getitem__(self, index: int) -> dict:
+        target_id, prompt, target = self.records[index]
+        return {"image_id": target_id, "target_id": target_id, "prompt": prompt, "target": target,
+                "references": None, "verifier_class": None}
+
+
+class TargetTextDataModule(PredictionDataModule):
+    """Target texts for ``Trainer.predict`` of an image-synthesis method (MIMIC): one output per target.
+
+    Args:
+        classes: the target texts (a list, or one string separated by commas): "a red circle, a blue square".
+        text: the prompt put to the vision-language model (default "What is in the image?").
+        out_dir, skip_existing, batch_size, num_workers: as ``ImageFolderDataModule``'s.
+
+    A target's id (its output files' name) is ``grounding.data.concepts.target_id`` of its text.
+    """
+
+    def __init__(
+        self,
+        classes: list[str] | str,
+        text: str | None = None,
+        out_dir: str | None = None,
+        skip_existing: bool = True,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ):
+        from grounding.data.concepts import DEFAULT_PROMPT, target_id
+
+        super().__init__(out_dir, skip_existing, batch_size, num_workers, "targets to synthesize")
+        self.save_hyperparameters()
+        self.classes = parse_classes(classes)
+        if self.classes is None:
+            raise ValueError("classes (--classes): give the target texts, e.g. 'a red circle, a blue square'")
+        if text is not None and not text.strip():
+            raise ValueError(f"text (--text) is empty: give the prompt, e.g. 'What is in the image?'; got {text!r}")
+        self.prompt = " ".join((text or DEFAULT_PROMPT).split())
+        self.ids = [target_id(target) for target in self.classes]
+        repeated = sorted({i for i in self.ids if self.ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"classes (--classes): the targets {self.classes} give the same id {repeated[0]!r} (their output name) twice")
+        self.sources = list(self.classes)
+
+    def make_dataset(self, ids: list[str]) -> TargetTextDataset:
+        texts = dict(zip(self.ids, self.classes))
+        return TargetTextDataset([(i, self.prompt, texts[i]) for i in ids], self.class_names)

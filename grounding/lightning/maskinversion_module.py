@@ -31,6 +31,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from grounding.data.region_views import crop_view, masked_crop_view, red_circle_view
+from grounding.data.image_folder import PredictionDataModule
 from grounding.lightning.test_time import TestTimeModule, plain_settings
 from grounding.metrics.retrieval import RetrievalAccuracy, top1_correct
 from grounding.models.clip import build_clip
@@ -247,7 +248,7 @@ class MaskInversionModule(TestTimeModule):
         self._write_predictions("test")
 
     def on_predict_epoch_end(self) -> None:
-        if getattr(self.trainer.datamodule, "mask_source", None) is None:  # the user's regions: the writer's files
+        if not isinstance(self.trainer.datamodule, PredictionDataModule):  # grounding-predict's writer has the user's
             self._write_predictions("predict")
 
     def _write_predictions(self, stage: str) -> None:

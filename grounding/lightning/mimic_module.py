@@ -45,6 +45,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
+from grounding.data.image_folder import PredictionDataModule
 from grounding.lightning.test_time import TestTimeModule, plain_settings
 from grounding.metrics.answers import exact_match, token_f1
 from grounding.metrics.image_scores import clip_score, load_lpips, lpips_diversity
@@ -276,6 +277,18 @@ class MimicModule(TestTimeModule):
             images += out["images"]
         return {"image_ids": ids, "images": images}
 
+    def predict_step(self, batch: list[dict], batch_idx: int) -> Any:
+        """Concept targets: as ``test_step`` without the epoch's scores. The user's target texts
+        (``TargetTextDataModule``, samples with an ``image_id``): per target its record with ``image_id`` and its
+        uint8 ``images``, which ``grounding-predict``'s writer saves."""
+        if batch and "image_id" in batch[0]:
+            records = []
+            for sample in batch:
+                out = self.synthesize_target(sample)
+                records.append({"image_id": sample["image_id"], **out["record"], "images": out["images"]})
+            return records
+        return self.process(batch, score=False)
+
     def _gather_records(self) -> list[dict]:
         """Every process's records, sorted by target id (a collective call under DDP); ``self.syntheses`` counts
         them (each target is read by one process only, so it equals the target count)."""
@@ -303,6 +316,8 @@ class MimicModule(TestTimeModule):
         self._write_records(records, summary)
 
     def on_predict_epoch_end(self) -> None:
+        if isinstance(self.trainer.datamodule, PredictionDataModule):  # grounding-predict's writer has the user's
+            return
         records = self._gather_records()
         self._write_records(records, self.summarize(records))
 

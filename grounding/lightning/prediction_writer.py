@@ -20,6 +20,10 @@ files already complete; ``grounding.data.image_folder.complete_record`` is what 
   ``records/<id>.json``: ``{"image_id", "path", "method", "regions": [{"region_id", "box", "area"[, "label",
   "score"]}], "embeddings", "maps": {region: path}}``.
 
+- images (MIMIC over a ``TargetTextDataModule``: ``predict_step`` returns per target its record with its images):
+  ``images/<id>.png`` (``<id>_<k>.png`` for several samples) and ``records/<id>.json``: MIMIC's record (answers,
+  scores, final losses) plus ``image_id`` and ``images`` (their paths).
+
 The records are those of ``grounding.predictor.Predictor`` with a file's path wherever that holds a tensor.
 
 At the end of the run the counts of every process are summed into ``trainer.callback_metrics``
@@ -36,7 +40,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from grounding.data.image_folder import ImageFolderDataModule, record_path
+from grounding.data.image_folder import PredictionDataModule, record_path
 from grounding.lightning.label_writer import _checked_id, write_label_png, write_rgb_png
 from grounding.predictor import draw_record, segmentation_records
 from grounding.utils import write_atomic, write_json_atomic
@@ -55,8 +59,8 @@ class ImagePredictionWriter(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        if not isinstance(datamodule, ImageFolderDataModule):
-            raise RuntimeError(f"ImagePredictionWriter writes predictions of an ImageFolderDataModule, not {type(datamodule).__name__}")
+        if not isinstance(datamodule, PredictionDataModule):
+            raise RuntimeError(f"ImagePredictionWriter writes predictions of a PredictionDataModule, not {type(datamodule).__name__}")
         self.out_dir = datamodule.resolve_out_dir()
         self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
         self.predicted = 0
@@ -74,7 +78,7 @@ class ImagePredictionWriter(Callback):
     def write(self, record: dict, sample: dict) -> None:
         """The files of one in-memory record, then its JSON record (naming them)."""
         name = _checked_id(record["image_id"])
-        image = sample["image"]
+        image = sample.get("image")
         if "boxes" in record:
             record = {**record, "drawn": f"drawn/{name}.png"}
             write_rgb_png(self.out_dir / record["drawn"], draw_record(record, image))
@@ -101,6 +105,12 @@ class ImagePredictionWriter(Callback):
                 write_rgb_png(self.out_dir / path, overlay_heatmap(image, heat))
                 files["maps"][region] = path
             record = {**record, **files}
+        elif "images" in record:
+            images = record["images"]
+            paths = [f"images/{name}.png"] if len(images) == 1 else [f"images/{name}_{k}.png" for k in range(len(images))]
+            for path, picture in zip(paths, images):
+                write_rgb_png(self.out_dir / path, picture)
+            record = {**record, "images": paths}
         else:
             raise RuntimeError(f"ImagePredictionWriter cannot write a record with keys {sorted(record)}")
         write_json_atomic(record_path(self.out_dir, name), record, indent=1)
