@@ -17,8 +17,9 @@ atomic checkpoint writes (``grounding.lightning.callbacks``).
   ``{"untrained": {...}, "trained": {...}, "run_dir": ..., "steps": ...}``.
 - ``evaluate``: ``Trainer.test`` of any method on its DataModule's evaluation split (``--data.split``),
   prints ``{"split": ..., <metrics>, "run_dir": ...}``. Undefined metrics are printed as ``null``.
-- ``predict`` (``grounding-predict``): ``Trainer.predict`` of the detector, GEM or InvSeg on the user's images
-  (``--inputs``, ``--classes`` / ``--text``; ``grounding.data.image_folder``), outputs written by
+- ``predict`` (``grounding-predict``): ``Trainer.predict`` of the detector, GEM, InvSeg or MaskInversion on the
+  user's images (``--inputs``, ``--classes`` / ``--text``, MaskInversion's ``--masks`` / ``--boxes``), or of MIMIC
+  on target texts (``--classes``; ``grounding.data.image_folder``), outputs written by
   ``grounding.lightning.prediction_writer``, prints ``{"out": ..., "images": ..., "predicted": ...,
   "skipped_existing": ..., "unreadable": ..., "run_dir": ...}``.
 
