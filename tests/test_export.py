@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from grounding.export import main
 from grounding.models.detector import GroundingDetector
@@ -106,10 +107,12 @@ def test_readme_examples_run(checkpoint, tmp_path, monkeypatch):
 
     namespace: dict = {"__name__": "readme_example"}
     exec(compile(python[0], str(README), "exec"), namespace)
-    result = namespace["result"]
-    assert (result["width"], result["height"]) == (100, 70)
+    [result] = namespace["records"]
+    assert (result["image_id"], result["path"], result["width"], result["height"]) == ("photo", "photo.jpg", 100, 70)
     assert len(result["boxes"]) == len(result["scores"]) == len(result["labels"])
     assert set(result["labels"]) <= {"red circle", "blue square"}
+    assert GroundingDetector.from_checkpoint(checkpoint)("photo.jpg", classes=["red circle", "blue square"], box_threshold=0.3)["boxes"] == result["boxes"]
+    assert Image.open("photo_drawn.png").size == (100, 70)
 
     command = shlex.split(bash[0].split("#")[0])
     assert command[0] == "grounding-export"

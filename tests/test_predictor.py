@@ -158,3 +158,23 @@ def test_mimic_through_grounding_predict_is_the_predictor_and_resumes(tmp_path, 
     with pytest.raises(SystemExit):
         predict([*args, "--classes", "a cat", "--inputs", str(tmp_path)])
     assert "MimicModule synthesizes images from the target texts of --classes; it reads no images" in capsys.readouterr().err
+
+
+def test_invseg_records_and_grounding_predict_are_the_inversion(files, tmp_path):
+    predictor = Predictor.load("invseg/synthetic.yaml", inversion={"steps": 1, "views": 1})
+    classes = ["background", "red circle", "blue square"]
+    [record] = predictor(str(files[0]), classes=classes)
+    module = predictor.module
+    image = image_tensor(read_rgb_image(files[0]))
+    direct = module.invseg(image, classes, module.sample_generator(files[0].stem))  # background first: label = index
+    assert torch.equal(record["label_map"], direct.index.cpu())
+    assert "heatmaps" not in record and record["classes"] == classes
+
+    out = tmp_path / "out"
+    summary = predict(["--config", "invseg/synthetic.yaml", "--model.inversion.steps", "1", "--model.inversion.views", "1", "--trainer.logger", "false",
+                       "--progress.mode", "never", "--inputs", str(files[0]), "--classes", ", ".join(classes),
+                       "--out", str(out), "--trainer.default_root_dir", str(tmp_path)])
+    assert summary["predicted"] == 1
+    written = json.loads((out / "records" / f"{files[0].stem}.json").read_text())
+    assert torch.equal(torch.from_numpy(np.asarray(Image.open(out / written["label_map"])).astype(np.int64)), record["label_map"])
+    assert Image.open(out / written["overlay"]).mode == "RGB"
