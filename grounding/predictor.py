@@ -15,7 +15,9 @@
 - a config (a YAML file, or a config shipped with the package such as ``"gem/synthetic.yaml"``): its
   ``model`` section, ``settings`` overriding its ``init_args`` (``backbone="openai/clip-vit-base-patch16"``);
 - a hub id or a transformers folder of a Grounding-DINO-family detector (``"IDEA-Research/grounding-dino-tiny"``,
-  a ``grounding-export`` folder).
+  a ``grounding-export`` folder);
+- a method's name (``detector``, ``gem``, ``invseg``, ``maskinversion``, ``mimic``): its LightningModule with
+  its defaults and ``settings``, e.g. ``Predictor.load("gem", backbone="openai/clip-vit-base-patch16")``.
 
 ``predictor(images, classes=..., text=..., masks=..., boxes=...)`` returns one record per image, the records
 ``grounding-predict`` writes (``grounding.lightning.prediction_writer``) with tensors where it writes files:
@@ -58,6 +60,14 @@ METHODS = {
     "InvSegModule": "invseg",
     "MaskInversionModule": "maskinversion",
     "MimicModule": "mimic",
+}
+#: each method's LightningModule (``Predictor.load("gem", backbone=...)`` builds it from its defaults)
+METHOD_CLASSES = {
+    "detector": "grounding.lightning.image_module.ImageGroundingModule",
+    "gem": "grounding.lightning.gem_module.GEMSegmentationModule",
+    "invseg": "grounding.lightning.invseg_module.InvSegModule",
+    "maskinversion": "grounding.lightning.maskinversion_module.MaskInversionModule",
+    "mimic": "grounding.lightning.mimic_module.MimicModule",
 }
 
 
@@ -215,7 +225,9 @@ class Predictor:
 
         text = str(source)
         path = Path(text).expanduser()
-        if path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
+        if text in METHOD_CLASSES and not path.exists():
+            predictor = cls._from_module(build_module(METHOD_CLASSES[text], settings, f"method {text}"))
+        elif path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
             predictor = cls._from_checkpoint(path / "checkpoints" / "last.ckpt", settings)
         elif path.suffix == ".ckpt":
             if not path.is_file():

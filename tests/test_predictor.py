@@ -178,3 +178,11 @@ def test_invseg_records_and_grounding_predict_are_the_inversion(files, tmp_path)
     written = json.loads((out / "records" / f"{files[0].stem}.json").read_text())
     assert torch.equal(torch.from_numpy(np.asarray(Image.open(out / written["label_map"])).astype(np.int64)), record["label_map"])
     assert Image.open(out / written["overlay"]).mode == "RGB"
+
+
+def test_a_method_name_builds_its_module_from_its_defaults_and_the_settings():
+    predictor = Predictor.load("gem", backbone="tiny", depth=2, short_side=64)
+    assert (predictor.method, predictor.module.hparams.depth, predictor.module.hparams.short_side) == ("gem", 2, 64)
+    assert predictor.module.hparams.background_threshold == 0.85  # the class's default
+    [record] = predictor(photo(30, 50), classes=["red circle", "blue square"])
+    assert record["label_map"].shape == (30, 50) and set(record["label_map"].unique().tolist()) <= {0, 1}
