@@ -52,6 +52,7 @@ from PIL import Image
 
 from grounding.constants import IGNORE_INDEX
 from grounding.data.images import image_tensor, read_rgb_image
+from grounding.utils import merge_nested
 
 #: the methods, by the class name of their LightningModule
 METHODS = {
@@ -200,13 +201,6 @@ def build_module(class_path: str, init_args: dict, where: str) -> Any:
         raise ValueError(f"{where}: cannot build {class_path}: {error}") from None
 
 
-def _merge(base: dict, settings: dict) -> dict:
-    merged = dict(base)
-    for key, value in settings.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
 class Predictor:
     """A method ready to run on images (see the module docstring). ``method`` is ``detector``, ``gem``,
     ``invseg``, ``maskinversion`` or ``mimic``; ``module`` the LightningModule (None for a detector loaded from a
@@ -270,7 +264,7 @@ class Predictor:
             from lightning.fabric.utilities.seed import seed_everything
 
             seed_everything(seed, verbose=False)
-        module = build_module(model["class_path"], _merge(model.get("init_args") or {}, settings), f"config {path}")
+        module = build_module(model["class_path"], merge_nested(model.get("init_args") or {}, settings), f"config {path}")
         data = config.get("data") or {}
         return cls._from_module(module, data.get("init_args", data) if isinstance(data, dict) else {})
 
@@ -290,7 +284,7 @@ class Predictor:
             return cls("detector", detector=GroundingDetector.from_checkpoint(path))
         if not isinstance(class_path, str):
             raise CheckpointError(f"{path}: the checkpoint does not name its LightningModule class (_class_path)")
-        init_args = _merge({k: v for k, v in hparams.items() if not k.startswith("_")}, settings)
+        init_args = merge_nested({k: v for k, v in hparams.items() if not k.startswith("_")}, settings)
         module = build_module(class_path, init_args, f"checkpoint {path}")
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:

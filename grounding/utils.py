@@ -38,11 +38,12 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, payload: object, indent: int | None = None) -> None:
-    """``payload`` as JSON (UTF-8) at ``path``, written through ``write_atomic``."""
+def write_json_atomic(path: str | Path, payload: object, indent: int | None = None,
+                      default: Callable[[object], object] | None = None) -> None:
+    """``payload`` as JSON (UTF-8) at ``path``, written through ``write_atomic``; ``default`` as ``json.dump``'s."""
 
     def dump(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=indent)
+            json.dump(payload, stream, indent=indent, default=default)
 
     write_atomic(path, dump)

@@ -33,7 +33,6 @@ answers and per-target scores go to ``<run>/predictions/mimic_<split>.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ from grounding.models.mimic import (
     to_unit,
     train_mode,
 )
-from grounding.utils import write_atomic
+from grounding.utils import write_json_atomic
 from grounding.visualize import upscale
 
 log = logging.getLogger(__name__)
@@ -330,6 +329,5 @@ class MimicModule(TestTimeModule):
         payload = {"summary": {k: (None if math.isnan(v) else v) for k, v in summary.items()}, "targets": records,
                    "settings": dict(self.hparams)}
         path = Path(log_dir) / "predictions" / f"mimic_{split}.json"
-        text = json.dumps(plain_settings(payload), indent=1, default=str)
-        write_atomic(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+        write_json_atomic(path, plain_settings(payload), indent=1, default=str)
 
