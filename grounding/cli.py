@@ -379,19 +379,15 @@ def class_help(parser, key: str, class_path: str, init_args: dict, source: str) 
 # ---------------------------------------------------------------------------------- checks before building
 def checkpoint_class_path(path: str | Path) -> str | None:
     """The LightningModule class a Lightning checkpoint was saved from (LightningCLI keeps it in the
-    hyper-parameters as ``_class_path``), or None where the checkpoint does not say or cannot be read here."""
-    import torch
+    hyper-parameters as ``_class_path``), or None where the checkpoint does not say or cannot be read here.
+    The file is read safely (``grounding.checkpoints``): one holding other objects than tensors, plain values
+    and the package's settings classes is not unpickled (None; ``checkpoint_problem`` names them)."""
+    from grounding.checkpoints import UnsafeCheckpointError, saved_class_path
 
-    checkpoint = None
-    for kwargs in ({"mmap": True}, {}):  # mmap: the tensors are not read
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-            break
-        except Exception:  # noqa: BLE001 - Lightning reports a checkpoint it cannot load
-            continue
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    class_path = hparams.get("_class_path") if isinstance(hparams, dict) else None
-    return class_path if isinstance(class_path, str) else None
+    try:
+        return saved_class_path(path)
+    except UnsafeCheckpointError:
+        return None
 
 
 def _same_class(class_path: str, cls: type) -> bool:
@@ -404,12 +400,18 @@ def _same_class(class_path: str, cls: type) -> bool:
 
 
 def checkpoint_problem(ckpt_path: str | None, cls: type) -> str | None:
-    """Why ``--ckpt_path`` does not fit the LightningModule class ``cls``, or None."""
+    """Why ``--ckpt_path`` does not fit the LightningModule class ``cls``, or None: also a file that holds
+    objects the safe loader refuses (``grounding.checkpoints``), found before anything of it is unpickled."""
     if not ckpt_path or ckpt_path in SPECIAL_CHECKPOINTS or ckpt_path.startswith("registry:") or "://" in ckpt_path:
         return None
     if not Path(ckpt_path).is_file():
         return f"--ckpt_path {ckpt_path}: no such file"
-    held = checkpoint_class_path(ckpt_path)
+    from grounding.checkpoints import UnsafeCheckpointError, saved_class_path
+
+    try:
+        held = saved_class_path(ckpt_path)
+    except UnsafeCheckpointError as error:
+        return f"--ckpt_path {error}"
     if held is None or _same_class(held, cls):
         return None
     return (f"--ckpt_path {ckpt_path} is a checkpoint of {held.rsplit('.', 1)[-1]} ({held}), but the config builds "
@@ -647,7 +649,7 @@ def train(args: list[str] | None = None) -> dict:
             before = metrics_line("val/", trainer.validate(model, datamodule=data, verbose=False))
         last_validation = _LastValidation()
         trainer.callbacks.append(last_validation)
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         after = {}
         if validates and last_validation.step == trainer.global_step:  # fit ended with a validation: same weights
             after = last_validation.metrics
@@ -672,7 +674,7 @@ def evaluate(args: list[str] | None = None) -> dict:
                     "built with (random or pretrained), not trained ones")
     stdout = sys.stdout
     with _run():
-        metrics = metrics_line("test/", trainer.test(model, datamodule=data, ckpt_path=cli.config.ckpt_path, verbose=False))
+        metrics = metrics_line("test/", trainer.test(model, datamodule=data, ckpt_path=cli.config.ckpt_path, verbose=False, weights_only=True))
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         split = getattr(data, "evaluation_split", None)
         if trainer.is_global_zero:
@@ -691,12 +693,27 @@ TARGET_TEXT_DATA = "grounding.data.image_folder.TargetTextDataModule"
 
 def predict_parser() -> argparse.ArgumentParser:
     """The options of ``grounding-predict`` besides the config's (``--trainer.*``, ``--model.*``, ``--ckpt_path``)."""
-    parser = argparse.ArgumentParser(prog=_program(), add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog=_program(), add_help=False, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --config CONFIG [--ckpt_path CKPT] --inputs PATH [PATH ...] --classes 'a, b' | --text '...' [options]",
+        description="Run a method on your own images (MIMIC: on target texts); per image a JSON record and pictures\n"
+                    "in --out, predictions.json at the end. The config says which method (configs/image, gem, invseg,\n"
+                    "maskinversion, mimic); the Trainer's options (--trainer.devices 4 ...) spread the images over devices.",
+        epilog="examples:\n"
+               "  grounding-predict --config gem/voc.yaml --inputs photos/ --classes 'background, cat, dog' --out preds/\n"
+               "  grounding-predict --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --inputs photos/ \\\n"
+               "      --text 'the dog on the left . a red ball' --box_threshold 0.3\n"
+               "  grounding-predict --config maskinversion/voc.yaml --inputs photos/ --masks masks/ --classes 'cat, dog'\n"
+               "  grounding-predict --config mimic/llava.yaml --classes 'a red circle, a blue square'\n\n"
+               "The settings of the config's classes follow (--model.*, --trainer.*, --ckpt_path); --data is set by\n"
+               "the options above.",
+    )
     parser.add_argument("--inputs", nargs="+", default=None, metavar="PATH",
                         help="image files, folders (their images, sorted) and .txt files listing image paths")
     parser.add_argument("--classes", default=None, help="class names separated by commas: 'red circle, blue square' "
-                        "(a class 'background' is the background class of the segmentation methods)")
-    parser.add_argument("--text", default=None, help="detector only: a free prompt, 'the red circle . a blue square'")
+                        "(a class 'background' is the background class of the segmentation methods); MIMIC: the target texts")
+    parser.add_argument("--text", default=None, help="detector: a free prompt, 'the red circle . a blue square'; "
+                        "MIMIC: the question (default 'What is in the image?')")
     parser.add_argument("--masks", default=None, metavar="DIR", help="MaskInversion: the regions, DIR/<image id>.png "
                         "(each non-zero value a region) or DIR/<image id>/<region>.png (binary masks)")
     parser.add_argument("--boxes", default=None, metavar="FILE", help="MaskInversion: the regions as pixel boxes, "
@@ -722,7 +739,7 @@ def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = predict_parser()
     asks_help = "--help" in args or "-h" in args
     if asks_help:
-        sys.stdout.write(parser.format_help().replace("usage:", "grounding-predict options:", 1) + "\n")
+        sys.stdout.write(parser.format_help() + "\n")
     options, rest = parser.parse_known_args(args)
     resolved = resolve_arguments(rest)
     method = config_sections(resolved).get("model", ("",))[0].rsplit(".", 1)[-1]
@@ -802,7 +819,7 @@ def predict(args: list[str] | None = None) -> dict:
     fix_logger_versions(trainer)
     stdout = sys.stdout
     with _run():
-        trainer.predict(model, datamodule=data, ckpt_path=cli.config.ckpt_path, return_predictions=False)
+        trainer.predict(model, datamodule=data, ckpt_path=cli.config.ckpt_path, return_predictions=False, weights_only=True)
         run_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         out_dir = Path(options.out) if options.out else Path(run_dir or trainer.default_root_dir) / "predictions"
         finish_distributed()  # every process has written its records

@@ -201,6 +201,21 @@ def build_module(class_path: str, init_args: dict, where: str) -> Any:
         raise ValueError(f"{where}: cannot build {class_path}: {error}") from None
 
 
+def _class_of_settings(settings: dict, path: Path) -> str:
+    """The method class whose constructor takes exactly the settings a checkpoint holds (a checkpoint of a module
+    built in Python names no class)."""
+    import importlib
+    import inspect
+
+    for class_path in METHOD_CLASSES.values():
+        module_name, name = class_path.rsplit(".", 1)
+        parameters = set(inspect.signature(getattr(importlib.import_module(module_name), name).__init__).parameters) - {"self"}
+        if parameters == set(settings):
+            return class_path
+    raise ValueError(f"{path}: the checkpoint names no LightningModule class and its settings {sorted(settings)} are "
+                     f"those of none of {', '.join(METHODS)}")
+
+
 class Predictor:
     """A method ready to run on images (see the module docstring). ``method`` is ``detector``, ``gem``,
     ``invseg``, ``maskinversion`` or ``mimic``; ``module`` the LightningModule (None for a detector loaded from a
@@ -220,7 +235,7 @@ class Predictor:
         text = str(source)
         path = Path(text).expanduser()
         if text in METHOD_CLASSES and not path.exists():
-            predictor = cls._from_module(build_module(METHOD_CLASSES[text], settings, f"method {text}"))
+            predictor = cls.from_module(build_module(METHOD_CLASSES[text], settings, f"method {text}"))
         elif path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
             predictor = cls._from_checkpoint(path / "checkpoints" / "last.ckpt", settings)
         elif path.suffix == ".ckpt":
@@ -241,7 +256,9 @@ class Predictor:
         return predictor.to(device) if device is not None else predictor
 
     @classmethod
-    def _from_module(cls, module: Any, data: dict | None = None) -> "Predictor":
+    def from_module(cls, module: Any, data: dict | None = None) -> "Predictor":
+        """The predictor of a method's LightningModule built in Python; ``data``: the detector's resize
+        (``image_size``, ``max_size``; default 800 / 1333)."""
         method = METHODS.get(type(module).__name__)
         if method is None:
             raise ValueError(f"{type(module).__name__} is not one of the methods a Predictor runs ({', '.join(METHODS)})")
@@ -266,31 +283,33 @@ class Predictor:
             seed_everything(seed, verbose=False)
         module = build_module(model["class_path"], merge_nested(model.get("init_args") or {}, settings), f"config {path}")
         data = config.get("data") or {}
-        return cls._from_module(module, data.get("init_args", data) if isinstance(data, dict) else {})
+        return cls.from_module(module, data.get("init_args", data) if isinstance(data, dict) else {})
 
     @classmethod
     def _from_checkpoint(cls, path: Path, settings: dict) -> "Predictor":
-        from grounding.models.detector import CheckpointError, GroundingDetector, module_hyper_parameters, read_checkpoint
+        from grounding.lightning.test_time import plain_settings
+        from grounding.models.detector import CheckpointError, GroundingDetector, read_checkpoint
 
         checkpoint = read_checkpoint(path)
-        hparams = module_hyper_parameters(checkpoint, path)
-        class_path = hparams.get("_class_path")
+        hparams = checkpoint.get("hyper_parameters")
+        hparams = dict(hparams) if isinstance(hparams, dict) else {}
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: the checkpoint holds no state_dict")
+        class_path = hparams.get("_class_path")
         if class_path is None and any(key.startswith("detector.") for key in state) or str(class_path).endswith(".ImageGroundingModule"):
             if settings:
                 raise ValueError(f"{path}: a detector checkpoint takes no settings, got {sorted(settings)}")
             return cls("detector", detector=GroundingDetector.from_checkpoint(path))
-        if not isinstance(class_path, str):
-            raise CheckpointError(f"{path}: the checkpoint does not name its LightningModule class (_class_path)")
-        init_args = merge_nested({k: v for k, v in hparams.items() if not k.startswith("_")}, settings)
-        module = build_module(class_path, init_args, f"checkpoint {path}")
+        init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        if not isinstance(class_path, str):  # saved from a module built in Python: known by its settings' names
+            class_path = _class_of_settings(init_args, path)
+        module = build_module(class_path, merge_nested(plain_settings(init_args), settings), f"checkpoint {path}")
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path}: its weights do not fit the {class_path.rsplit('.', 1)[-1]} its settings build: "
                                   f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        return cls._from_module(module)
+        return cls.from_module(module)
 
     def to(self, device: str | torch.device) -> "Predictor":
         for part in (self.module, self.detector):

@@ -135,11 +135,12 @@ def test_unsupported_method_is_named(images, capsys):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_predictions(images, gem_run, tmp_path):
+    """DDP as on several GPUs: Lightning relaunches the command once per further process."""
     out, _ = gem_run
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "predict.py")]
     result = subprocess.run(
         [*command, *GEM, "--inputs", str(images), "--classes", CLASSES, "--out", str(tmp_path / "out"),
-         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
          "--trainer.default_root_dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env={**os.environ},
     )
@@ -147,3 +148,11 @@ def test_two_processes_give_the_same_predictions(images, gem_run, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["predicted"], summary["unreadable"]) == (len(list(images.glob("*.jpg"))) - 1, 1)
     assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == json.loads((out / "predictions.json").read_text())
+
+
+def test_help_names_the_options_then_the_configs_settings(capsys):
+    with pytest.raises(SystemExit) as raised:
+        predict(["--config", "configs/gem/synthetic.yaml", "--help"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    assert out.index("--masks DIR") < out.index("examples:") < out.index("  --trainer.devices DEVICES") < out.index("--model.background_threshold")

@@ -186,3 +186,21 @@ def test_a_method_name_builds_its_module_from_its_defaults_and_the_settings():
     assert predictor.module.hparams.background_threshold == 0.85  # the class's default
     [record] = predictor(photo(30, 50), classes=["red circle", "blue square"])
     assert record["label_map"].shape == (30, 50) and set(record["label_map"].unique().tolist()) <= {0, 1}
+
+
+def test_a_checkpoint_of_a_module_built_in_python_is_known_by_its_settings(tmp_path):
+    import lightning as L
+
+    from grounding.lightning.maskinversion_module import MaskInversionModule
+    from grounding.models.maskinversion import MaskInversionSettings
+
+    module = MaskInversionModule(image_size=64, inversion=MaskInversionSettings(iterations=2, lr=0.25), methods=["maskinversion", "crop"])
+    with torch.no_grad():
+        next(module.backbone.parameters()).add_(0.5)  # weights the settings alone do not rebuild
+    trainer = L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "mi.ckpt")
+    predictor = Predictor.load(tmp_path / "mi.ckpt", inversion={"iterations": 1})
+    assert predictor.method == "maskinversion" and predictor.module.methods == ["maskinversion", "crop"]
+    assert (predictor.module.hparams.inversion.iterations, predictor.module.hparams.inversion.lr) == (1, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(predictor.module.state_dict().values(), module.state_dict().values()))

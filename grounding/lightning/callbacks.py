@@ -12,7 +12,9 @@
   and the metrics at the end of each evaluation.
 - ``AtomicCheckpointIO``: every checkpoint (also the best-k ones of ``ModelCheckpoint``) is written to a
   temporary file beside its destination and renamed over it: an interrupted write never leaves a
-  truncated checkpoint nor destroys the previous one.
+  truncated checkpoint nor destroys the previous one. Lightning's loads (``--ckpt_path``) go through
+  ``torch.load(weights_only=True)`` with the package's settings classes allowed (``grounding.checkpoints``):
+  a checkpoint's pickle runs no code.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from grounding.checkpoints import safe_loading
 from grounding.utils import write_atomic
 
 #: the signal that interrupted this process, if any (SIGTERM unless SIGUSR1 was seen)
@@ -60,6 +63,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)
         write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, with ``weights_only=True`` unless the caller passes False, and the classes of
+        ``grounding.checkpoints.SAFE_CLASS_PATHS`` allowed; a refused file is an ``UnsafeCheckpointError``."""
+        with safe_loading(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
 
 
 def _rng_state() -> dict:

@@ -16,10 +16,11 @@ involved; ``from_checkpoint`` reads the ``last.ckpt`` of an ``ImageGroundingModu
     # {"boxes": [[x0, y0, x1, y1], ...], "scores": [...], "labels": [...], "width": W, "height": H}
     detector.save_pretrained("exported/")
 
-Checkpoints are read with ``torch.load(..., weights_only=True)``: tensors and plain values only, plus the
-two dataclasses ``ImageGroundingModule.save_hyperparameters`` may store (``MaskingConfig``,
-``DenoisingConfig``, allowed by ``torch.serialization.safe_globals``). A checkpoint that needs any other
-class is refused with an error naming the file and the classes; nothing is unpickled beyond that list.
+Checkpoints are read with ``torch.load(..., weights_only=True)`` (``grounding.checkpoints``): tensors and
+plain values only, plus the settings dataclasses of the package's one allow-list
+(``grounding.checkpoints.SAFE_CLASS_PATHS``; ``ImageGroundingModule.save_hyperparameters`` may store
+``MaskingConfig`` and ``DenoisingConfig``). A checkpoint that needs any other global is refused with an error
+naming the file and the globals; nothing is unpickled beyond that list.
 """
 
 from __future__ import annotations
@@ -43,18 +44,12 @@ from transformers import (
 )
 from transformers.image_utils import load_image
 
+from grounding.checkpoints import UnsafeCheckpointError, load_checkpoint
 from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
-from grounding.models.adaptive_masking import MaskingConfig
-from grounding.models.denoising import DenoisingConfig
 from grounding.models.grounding_dino import build_grounding_dino, encoder_token_count
 
 #: the LightningModule whose checkpoints ``from_checkpoint`` reads (LightningCLI stores it as ``_class_path``)
 MODULE_CLASS_PATH = "grounding.lightning.image_module.ImageGroundingModule"
-
-#: the only classes a checkpoint may hold besides tensors and plain values: the dataclasses
-#: ``ImageGroundingModule.save_hyperparameters`` stores when the module is built in Python (LightningCLI
-#: stores them as plain dicts)
-CHECKPOINT_CLASSES = (MaskingConfig, DenoisingConfig)
 
 #: the prefix of the detector's weights in the module's state dict
 DETECTOR_PREFIX = "detector."
@@ -81,30 +76,20 @@ def _class_name(name: str) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint, loaded on the CPU with ``weights_only=True``.
+    """A Lightning checkpoint, loaded on the CPU with ``weights_only=True`` (``grounding.checkpoints``).
 
-    Only tensors, plain Python values and ``CHECKPOINT_CLASSES`` are accepted. Anything else is a
-    ``CheckpointError`` naming the file and the classes it would need: this function never falls back to
-    unpickling arbitrary objects (which can run any code).
+    Only tensors, plain Python values and the classes of ``grounding.checkpoints.SAFE_CLASS_PATHS`` are
+    accepted. Anything else is a ``CheckpointError`` naming the file and the globals it would need: this
+    function never falls back to unpickling arbitrary objects (which can run any code).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(list(CHECKPOINT_CLASSES)):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        allowed = {f"{c.__module__}.{c.__qualname__}" for c in CHECKPOINT_CLASSES}
-        try:
-            needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-        except Exception:  # noqa: BLE001 - the list is only for the message
-            needed = []
-        what = ", ".join(needed) if needed else "objects other than tensors and plain values"
-        raise CheckpointError(
-            f"checkpoint {path} holds pickled objects ({what}); refusing to unpickle arbitrary objects "
-            f"(only tensors, plain values and {', '.join(sorted(_class_name(a) for a in allowed))} are read)"
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        checkpoint = load_checkpoint(path)
+    except UnsafeCheckpointError as error:
+        raise CheckpointError(f"checkpoint {error}") from error
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")

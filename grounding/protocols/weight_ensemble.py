@@ -119,12 +119,17 @@ def ratio_name(alpha: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def load_checkpoint(path: str | Path, what: str) -> dict:
-    """A Lightning checkpoint on the CPU; ``what`` names the option in errors."""
+    """A Lightning checkpoint on the CPU, read without unpickling anything but tensors, plain values and the
+    package's settings classes (``grounding.checkpoints``); ``what`` names the option in errors."""
+    from grounding.checkpoints import UnsafeCheckpointError, load_checkpoint as read_safely
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
-    # the checkpoints of this package hold their hyper-parameters as plain Python objects, not only tensors
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = read_safely(path)
+    except UnsafeCheckpointError as error:
+        raise ValueError(f"{what}: {error}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{what}: {path} is not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
