@@ -35,6 +35,7 @@ from grounding.models.grounding_dino import (
     feature_masking,
     freeze_untrained,
     parameter_groups,
+    shared_image_backbone,
     trained_proposals,
 )
 from grounding.utils import write_json_atomic
@@ -279,21 +280,24 @@ class ImageGroundingModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def detect(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, orig_sizes: torch.Tensor) -> list[dict]:
-        """Top ``num_detections`` detections per image over all prompts.
+    def detect(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, orig_sizes: torch.Tensor,
+               share_backbone: bool = True) -> list[dict]:
+        """Top ``num_detections`` detections per image over all prompts; the image backbone runs once for all
+        of them (``shared_image_backbone``; ``share_backbone=False`` reruns it per prompt).
 
         pixel_values (B, 3, H, W), pixel_mask (B, H, W), orig_sizes (B, 2) as (h, w). Returns per image
         ``boxes`` (n, 4) xywh in original pixels, ``scores`` (n,), ``category_ids`` (n,) of the dataset.
         """
         b = pixel_values.shape[0]
         all_scores, all_boxes, all_categories = [], [], []
-        for prompt in self.prompts:
-            outputs = self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask, **self._text_inputs(prompt, b))
-            scores = category_scores(outputs.logits.float(), prompt.positive_map.to(self.device))  # (B, Q, C)
-            q, c = scores.shape[1:]
-            all_scores.append(scores.reshape(b, q * c))
-            all_boxes.append(outputs.pred_boxes.float().repeat_interleave(c, dim=1))  # (B, Q*C, 4)
-            all_categories.append(torch.tensor(prompt.category_ids, device=self.device).repeat(q))
+        with shared_image_backbone(self.detector) if share_backbone else contextlib.nullcontext():
+            for prompt in self.prompts:
+                outputs = self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask, **self._text_inputs(prompt, b))
+                scores = category_scores(outputs.logits.float(), prompt.positive_map.to(self.device))  # (B, Q, C)
+                q, c = scores.shape[1:]
+                all_scores.append(scores.reshape(b, q * c))
+                all_boxes.append(outputs.pred_boxes.float().repeat_interleave(c, dim=1))  # (B, Q*C, 4)
+                all_categories.append(torch.tensor(prompt.category_ids, device=self.device).repeat(q))
         scores, boxes = torch.cat(all_scores, 1), torch.cat(all_boxes, 1)
         categories = torch.cat(all_categories)
         top = scores.topk(min(self.hparams.num_detections, scores.shape[1]), dim=1)

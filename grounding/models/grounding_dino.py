@@ -314,3 +314,27 @@ def trained_proposals(model: GroundingDinoFamily) -> Iterator[None]:
             model.loss_function = previous
         else:
             del model._loss_function
+
+
+@contextlib.contextmanager
+def shared_image_backbone(model: GroundingDinoFamily) -> Iterator[None]:
+    """Within the block the image backbone (Swin and its position embeddings) runs once per input: a call with
+    the same ``pixel_values`` and ``pixel_mask`` tensors (unchanged since) returns the output of the previous
+    call. Several prompts over one batch (a vocabulary split over prompts) then cost one backbone pass, not one
+    per prompt; the text encoder and the fusion encoder still run per prompt (they depend on the text)."""
+    backbone = model.model.backbone
+    original = backbone.forward
+    cached: list = []  # [pixel_values, pixel_mask, their versions, the output]: the tensors held, so never reused
+
+    def forward(pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+        versions = (pixel_values._version, pixel_mask._version)
+        if not (cached and cached[0] is pixel_values and cached[1] is pixel_mask and cached[2] == versions):
+            cached[:] = [pixel_values, pixel_mask, versions, original(pixel_values, pixel_mask)]
+        return cached[3]
+
+    backbone.forward = forward
+    try:
+        yield
+    finally:
+        del backbone.forward
+        cached.clear()

@@ -295,3 +295,20 @@ def test_ddp_loss_normalization_equals_one_process_over_the_global_batch():
         scaled.append(sums[rank] / counts[rank] * module._global_box_normalization(labels))
     module._trainer = None
     assert sum(scaled) / 2 == pytest.approx(sum(sums) / sum(counts))
+
+
+def test_the_image_backbone_runs_once_for_all_prompts_with_the_same_detections(synthetic_root):
+    module = make_module("none").eval()
+    data, batch = batch_of(synthetic_root)
+    module.set_categories({i + 1: f"shape number {i}" for i in range(12)})  # 12 names over several 32-token prompts
+    assert len(module.prompts) >= 3
+    calls = []
+    module.detector.model.backbone.conv_encoder.register_forward_hook(lambda *args: calls.append(1))  # Swin itself
+    sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
+    shared = module.detect(batch["pixel_values"], batch["pixel_mask"], sizes)
+    assert len(calls) == 1
+    rerun = module.detect(batch["pixel_values"], batch["pixel_mask"], sizes, share_backbone=False)
+    assert len(calls) == 1 + len(module.prompts)
+    for a, b in zip(shared, rerun):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "category_ids"))
+    assert "forward" not in vars(module.detector.model.backbone)  # the backbone is itself again after the block

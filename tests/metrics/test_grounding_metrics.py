@@ -11,8 +11,6 @@ import sys
 import numpy
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from grounding.data.sampling import evaluation_sampler
 from grounding.metrics.phrase_grounding import FLICKR30K_PHRASE_TYPES, PhraseGroundingRecall, phrase_grounding_recall, union_box
@@ -283,48 +281,43 @@ def test_missing_lvis_names_the_extra(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- 2 processes
-def _worker(rank, init_file, out_file, lvis_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        rec = ReferringExpressionAccuracy(splits=REC_SPLITS)
-        for i in evaluation_sampler(REC_RECORDS):  # what an evaluation loader gives this process
-            r = REC_RECORDS[i]
-            rec.update([torch.tensor(r["boxes"]).reshape(-1, 4)], [torch.tensor(r["scores"])], [torch.tensor(r["gt_boxes"])], [r["split"]])
-        flickr = PhraseGroundingRecall(merge_boxes=False, phrase_types=FLICKR30K_PHRASE_TYPES)
-        for i in evaluation_sampler(FLICKR_RECORDS):
-            r = FLICKR_RECORDS[i]
-            flickr.update([torch.tensor(r["boxes"]).reshape(-1, 4)], [torch.tensor(r["scores"])], [torch.tensor(r["gt_boxes"]).reshape(-1, 4)], [r["phrase_types"]])
-        results = {"rec": rec.compute(), "flickr": flickr.compute()}
-        if lvis_file:
-            from grounding.metrics.lvis_eval import LvisFixedAPMetric
-
-            images = [1, 2, 3, 4]
-            lvis_metric = LvisFixedAPMetric(lvis_file, max_per_category=2)
-            update_lvis(lvis_metric, [images[i] for i in evaluation_sampler(images)])  # images 1, 3 | 2, 4
-            results["lvis"] = lvis_metric.compute()
-            results["lvis_results"] = lvis_metric.last_results
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_sync_equals_one_process(tmp_path):
-    lvis_file = ""
+def prepare_distributed(folder) -> None:
+    """The LVIS ground truth both processes read."""
     if HAS_LVIS:
-        lvis_file = str(tmp_path / "lvis.json")
-        (tmp_path / "lvis.json").write_text(json.dumps(lvis_ground_truth_dict()))
-    # spawned, not forked: a fork of a process whose OpenMP / gloo threads already ran can deadlock
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), lvis_file), nprocs=2, join=True, start_method="spawn")
-    synced = torch.load(tmp_path / "out.pt")
+        (folder / "lvis.json").write_text(json.dumps(lvis_ground_truth_dict()))
+
+
+def distributed_part(rank: int, folder) -> dict:
+    """This process's share under two gloo processes (``tests/metrics/test_two_processes.py`` runs it)."""
+    rec = ReferringExpressionAccuracy(splits=REC_SPLITS)
+    for i in evaluation_sampler(REC_RECORDS):  # what an evaluation loader gives this process
+        r = REC_RECORDS[i]
+        rec.update([torch.tensor(r["boxes"]).reshape(-1, 4)], [torch.tensor(r["scores"])], [torch.tensor(r["gt_boxes"])], [r["split"]])
+    flickr = PhraseGroundingRecall(merge_boxes=False, phrase_types=FLICKR30K_PHRASE_TYPES)
+    for i in evaluation_sampler(FLICKR_RECORDS):
+        r = FLICKR_RECORDS[i]
+        flickr.update([torch.tensor(r["boxes"]).reshape(-1, 4)], [torch.tensor(r["scores"])], [torch.tensor(r["gt_boxes"]).reshape(-1, 4)], [r["phrase_types"]])
+    results = {"rec": rec.compute(), "flickr": flickr.compute()}
+    if HAS_LVIS:
+        from grounding.metrics.lvis_eval import LvisFixedAPMetric
+
+        images = [1, 2, 3, 4]
+        lvis_metric = LvisFixedAPMetric(str(folder / "lvis.json"), max_per_category=2)
+        update_lvis(lvis_metric, [images[i] for i in evaluation_sampler(images)])  # images 1, 3 | 2, 4
+        results["lvis"] = lvis_metric.compute()
+        results["lvis_results"] = lvis_metric.last_results
+    return results
+
+
+def check_distributed(synced: dict, folder) -> None:
+    """Two processes over the evaluation shares equal one process over all records."""
     assert {k: v.item() for k, v in synced["rec"].items()} == pytest.approx(rec_accuracy(REC_RECORDS, splits=REC_SPLITS))
     alone = phrase_grounding_recall(FLICKR_RECORDS, phrase_types=FLICKR30K_PHRASE_TYPES)
     assert {k: v.item() for k, v in synced["flickr"].items()} == pytest.approx(alone, nan_ok=True)
     if HAS_LVIS:
         from grounding.metrics.lvis_eval import LvisFixedAPMetric
 
-        one = LvisFixedAPMetric(lvis_file, max_per_category=2)
+        one = LvisFixedAPMetric(str(folder / "lvis.json"), max_per_category=2)
         update_lvis(one, [1, 2, 3, 4])
         expected = one.compute()
         # the tie of category 2 at the cap (0.8 in images 1, 2, 3) is decided by image id, not by process:

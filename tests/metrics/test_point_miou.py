@@ -6,8 +6,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from grounding.data.sampling import evaluation_sampler
 from grounding.metrics.point_miou import PointMIoU, min_max_scale, point_counts, point_pixels
@@ -109,29 +107,21 @@ def _random_image(seed):
 IMAGES = {name: _random_image(seed) for seed, name in enumerate("abcde")}
 
 
-def _worker(rank, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        names = list(IMAGES)
-        metric = PointMIoU(6)
-        for index in evaluation_sampler(names):  # what an evaluation loader gives this process
-            metric.update(*IMAGES[names[index]])
-        idle = PointMIoU(6)  # only rank 0 updates: rank 1's zero state must gather too
-        if rank == 0:
-            idle.update(*IMAGES["b"])
-        results = (metric.compute(), idle.compute())
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
+def distributed_part(rank: int, folder) -> tuple:
+    """This process's share under two gloo processes (``tests/metrics/test_two_processes.py`` runs it)."""
+    names = list(IMAGES)
+    metric = PointMIoU(6)
+    for index in evaluation_sampler(names):  # what an evaluation loader gives this process
+        metric.update(*IMAGES[names[index]])
+    idle = PointMIoU(6)  # only rank 0 updates: rank 1's zero state must gather too
+    if rank == 0:
+        idle.update(*IMAGES["b"])
+    return metric.compute(), idle.compute()
 
 
-@pytest.mark.slow
-def test_two_process_sync_over_the_evaluation_shares_equals_one_process(tmp_path):
-    # spawned, not forked: a fork of a process whose OpenMP / gloo threads already ran can deadlock
-    args = (str(tmp_path / "init"), str(tmp_path / "out.pt"))
-    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
-    synced, idle = torch.load(tmp_path / "out.pt")
+def check_distributed(results: tuple, folder) -> None:
+    """Two processes over the evaluation shares equal one process over the union."""
+    synced, idle = results
     union = PointMIoU(6)
     for name in "abcde":
         union.update(*IMAGES[name])

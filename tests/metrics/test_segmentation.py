@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from grounding.data.sampling import evaluation_sampler
 from grounding.metrics.segmentation import (
@@ -122,33 +121,25 @@ def test_format_iou_table():
 IMAGES = {name: random_maps(seed) for seed, name in enumerate("abcde")}
 
 
-def _worker(rank, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        names = list(IMAGES)
-        share = [names[i] for i in evaluation_sampler(names)]  # what an evaluation loader gives this process
-        metric = SegmentationMetric(C)
-        for name in share:
-            metric.update(*IMAGES[name])
-        idle = SegmentationMetric(C)  # only rank 0 updates: rank 1's zero state must gather too
-        if rank == 0:
-            idle.update(*IMAGES["b"])
-        results = (metric.compute(), idle.compute())
-        shares = [None, None]
-        dist.all_gather_object(shares, share)
-        if rank == 0:
-            torch.save((*results, shares), out_file)
-    finally:
-        dist.destroy_process_group()
+def distributed_part(rank: int, folder) -> tuple:
+    """This process's share under two gloo processes (``tests/metrics/test_two_processes.py`` runs it)."""
+    names = list(IMAGES)
+    share = [names[i] for i in evaluation_sampler(names)]  # what an evaluation loader gives this process
+    metric = SegmentationMetric(C)
+    for name in share:
+        metric.update(*IMAGES[name])
+    idle = SegmentationMetric(C)  # only rank 0 updates: rank 1's zero state must gather too
+    if rank == 0:
+        idle.update(*IMAGES["b"])
+    results = (metric.compute(), idle.compute())
+    shares = [None, None]
+    dist.all_gather_object(shares, share)
+    return (*results, shares)
 
 
-@pytest.mark.slow
-def test_two_process_sync_equals_one_process_over_the_union(tmp_path):
-    # spawned, not forked: a fork of a process whose OpenMP / gloo threads already ran can deadlock (it did
-    # in the full suite); the workers import this module afresh (slower, ~15 s)
-    args = (str(tmp_path / "init"), str(tmp_path / "out.pt"))
-    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
-    synced, idle, shares = torch.load(tmp_path / "out.pt")
+def check_distributed(results: tuple, folder) -> None:
+    """Two processes over the evaluation shares equal one process over the union."""
+    synced, idle, shares = results
     assert shares == [["a", "c", "e"], ["b", "d"]]  # every image on one process, none repeated
     union = sum(loop_confusion(IMAGES[n][0].numpy(), IMAGES[n][1].numpy()) for n in "abcde")
     iou, acc, miou, macc, aacc = loop_scores(union)
