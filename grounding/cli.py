@@ -725,6 +725,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector: keep boxes scoring above this")
     parser.add_argument("--text_threshold", type=float, default=0.25, help="detector: token probability for a --text label")
     parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image")
+    parser.add_argument("--every_class", action="store_true", help="detector with --classes: score every (box, class) "
+                        "pair as the COCO evaluation does (a box may come out once per class) instead of once per box")
     parser.add_argument("--predict.image_size", dest="image_size", type=int, default=None,
                         help="detector: shorter side of the resized image (default: the config's data.image_size, else 800)")
     parser.add_argument("--predict.max_size", dest="max_size", type=int, default=None,
@@ -777,6 +779,8 @@ def predict_problem(method: str, options: argparse.Namespace) -> None:
                         else f"--masks / --boxes are MaskInversion's regions; {method} does not take them")
     if method == "ImageGroundingModule" and (options.classes is None) == (options.text is None):
         exit_with_error("--classes / --text: give one of them to the detector, not both")
+    if options.every_class and (method != "ImageGroundingModule" or options.classes is None):
+        exit_with_error("--every_class scores the detector's boxes for each class of --classes")
     if method not in ("ImageGroundingModule", *SYNTHESIS_MODULES) and options.text is not None:
         exit_with_error(f"--text is the detector's free prompt (and MIMIC's question); {method} takes --classes")
     if method in SYNTHESIS_MODULES and options.classes is None:
@@ -811,6 +815,7 @@ def predict(args: list[str] | None = None) -> dict:
         model.predict_settings = {
             "classes": data.class_names if options.text is None else None, "text": options.text,
             "box_threshold": options.box_threshold, "text_threshold": options.text_threshold, "top_k": options.top_k,
+            "every_class": options.every_class,
             "image_size": options.image_size or config_data.get("image_size"),
             "max_size": options.max_size if options.max_size is not None else config_data.get("max_size", 1333),
         }

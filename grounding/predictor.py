@@ -23,7 +23,8 @@
 ``grounding-predict`` writes (``grounding.lightning.prediction_writer``) with tensors where it writes files:
 
 - detector: ``{"image_id", "path", "boxes": [[x0, y0, x1, y1], ...], "scores", "labels", "width", "height"}``
-  (``GroundingDetector``'s record; thresholds ``box_threshold``, ``text_threshold``, ``top_k``);
+  (``GroundingDetector``'s record; thresholds ``box_threshold``, ``text_threshold``, ``top_k``; ``every_class``
+  scores every (box, class) pair as the COCO evaluation does);
 - GEM, InvSeg: ``{"image_id", "path", "classes", "label_map": (H, W) long}`` and, for GEM, ``"heatmaps":
   {class: (H, W) float in [0, 1]}`` (each prompted class's similarity map, min-max scaled). A class named
   ``background`` is the background class (GEM's threshold rule, InvSeg's prompt);
@@ -333,6 +334,7 @@ class Predictor:
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         top_k: int | None = None,
+        every_class: bool = False,
     ) -> list[dict]:
         """One record per image (per target for MIMIC); see the module docstring."""
         from grounding.data.image_folder import parse_classes
@@ -347,7 +349,7 @@ class Predictor:
             records = []
             for sample in samples:  # one image at a time, as grounding-predict's default batch size
                 record = self.detector(sample["image"], text=text, classes=names, box_threshold=box_threshold,
-                                       text_threshold=text_threshold, top_k=top_k)
+                                       text_threshold=text_threshold, top_k=top_k, every_class=every_class)
                 records.append({"image_id": sample["image_id"], "path": sample["path"], **record})
             return records
         if text is not None:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
+from torchvision.ops import box_convert
 from torchvision.transforms.functional import to_pil_image
 from transformers import (
     AutoModelForZeroShotObjectDetection,
@@ -339,6 +340,7 @@ class GroundingDetector:
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         top_k: int | None = None,
+        every_class: bool = False,
     ) -> dict | list[dict]:
         """Detect what ``text`` or ``classes`` names in one image or a list of images.
 
@@ -355,6 +357,10 @@ class GroundingDetector:
         box_threshold: keep the boxes whose best token probability exceeds it (transformers' ``threshold``).
         text_threshold: token probability for a token to be part of a ``text`` label (unused with ``classes``).
         top_k: keep at most the k best boxes of each image after the threshold.
+        every_class: with ``classes``, score every (box, class) pair by the mean probability of the class's
+            tokens and keep the pairs above ``box_threshold`` (a box may then come out once per class), as the
+            project's COCO evaluation scores detections (``ImageGroundingModule.detect``); by default each box
+            comes out once, scored by transformers' post-processing and labelled with its best class.
 
         Returns per image ``{"boxes": [[x0, y0, x1, y1], ...]`` in the image's pixels, ``"scores": [...]``,
         ``"labels": [...]``, ``"width": W, "height": H}``, best score first, plain Python values.
@@ -369,6 +375,8 @@ class GroundingDetector:
             raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
         if (text is None) == (classes is None):
             raise ValueError("give either text (a prompt) or classes (a list of class names), not both or neither")
+        if every_class and classes is None:
+            raise ValueError("every_class scores the boxes of each class of classes; a free text has no classes")
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"text is empty ({text!r}): give a prompt such as 'a red ball . the dog on the left'")
@@ -407,6 +415,9 @@ class GroundingDetector:
             weights = token_map / token_map.sum(-1, keepdim=True)
         records = []
         for index, (result, (image_height, image_width)) in enumerate(zip(results, sizes)):
+            if every_class:
+                records.append(self._every_class(outputs, index, weights, classes, box_threshold, top_k, image_width, image_height))
+                continue
             scores = result["scores"].float().cpu()
             boxes = result["boxes"].float().cpu()
             if classes is not None:
@@ -430,6 +441,27 @@ class GroundingDetector:
                 "height": image_height,
             })
         return records[0] if single else records
+
+    @staticmethod
+    def _every_class(outputs: Any, index: int, weights: torch.Tensor, classes: Sequence[str], box_threshold: float,
+                     top_k: int | None, width: int, height: int) -> dict:
+        """One image's (box, class) pairs scored by the mean probability of the class's tokens, best first."""
+        scores = (outputs.logits[index].float().sigmoid() @ weights.t()).cpu()  # (Q, C)
+        flat = scores.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)
+        order = order[flat[order] > box_threshold]
+        if top_k is not None:
+            order = order[:top_k]
+        count = len(classes)
+        boxes = box_convert(outputs.pred_boxes[index].float().cpu(), "cxcywh", "xyxy")
+        boxes = boxes * torch.tensor([width, height, width, height], dtype=torch.float32)
+        return {
+            "boxes": boxes[order // count].tolist(),
+            "scores": flat[order].tolist(),
+            "labels": [classes[c] for c in (order % count).tolist()],
+            "width": width,
+            "height": height,
+        }
 
     # ----------------------------------------------------------------------------------------- export
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:

@@ -229,6 +229,13 @@ def test_boxes_and_labels_equal_the_evaluation_path(trained, detector):
         assert float(distance.min()) < 1e-3
         best = int(torch.nonzero(distance < 1e-3)[0])  # the module's detections are sorted by score
         assert data.categories[int(module_detections["category_ids"][best])] == label
+    # every_class: the evaluation's own (box, category) pairs, scores and order
+    kept = len(module_detections["scores"])
+    every = detector(dataset.records[0].path, classes=names, box_threshold=0.0, top_k=kept, every_class=True)
+    assert len(every["scores"]) == kept == min(module.hparams.num_detections, module.detector.config.num_queries * len(names))
+    assert torch.allclose(torch.tensor(every["scores"]), module_detections["scores"].cpu(), atol=1e-6)
+    assert torch.allclose(torch.tensor(every["boxes"]), boxes.cpu(), atol=1e-3)
+    assert every["labels"] == [data.categories[int(c)] for c in module_detections["category_ids"]]
 
 
 def test_processor_and_evaluation_transform(trained):
