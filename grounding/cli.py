@@ -722,6 +722,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true", help="read the sub-folders of a folder too")
     parser.add_argument("--redo", action="store_true", help="predict every image again, also those with complete outputs")
     parser.add_argument("--batch_size", type=int, default=1, help="images per step of each process")
+    parser.add_argument("--writer_threads", type=int, default=2, help="threads of each process drawing, encoding "
+                        "and writing the outputs while the model runs (0: in the loop)")
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector: keep boxes scoring above this")
     parser.add_argument("--text_threshold", type=float, default=0.25, help="detector: token probability for a --text label")
     parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image")
@@ -779,6 +781,8 @@ def predict_problem(method: str, options: argparse.Namespace) -> None:
                         else f"--masks / --boxes are MaskInversion's regions; {method} does not take them")
     if method == "ImageGroundingModule" and (options.classes is None) == (options.text is None):
         exit_with_error("--classes / --text: give one of them to the detector, not both")
+    if options.writer_threads < 0:
+        exit_with_error(f"--writer_threads must be >= 0, got {options.writer_threads}")
     if options.every_class and (method != "ImageGroundingModule" or options.classes is None):
         exit_with_error("--every_class scores the detector's boxes for each class of --classes")
     if method not in ("ImageGroundingModule", *SYNTHESIS_MODULES) and options.text is not None:
@@ -820,7 +824,7 @@ def predict(args: list[str] | None = None) -> dict:
             "max_size": options.max_size if options.max_size is not None else config_data.get("max_size", 1333),
         }
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PredictionPngWriter)]
-    trainer.callbacks.append(ImagePredictionWriter())
+    trainer.callbacks.append(ImagePredictionWriter(options.writer_threads))
     fix_logger_versions(trainer)
     stdout = sys.stdout
     with _run():

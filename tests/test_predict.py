@@ -156,3 +156,29 @@ def test_help_names_the_options_then_the_configs_settings(capsys):
     assert raised.value.code == 0
     out = capsys.readouterr().out
     assert out.index("--masks DIR") < out.index("examples:") < out.index("  --trainer.devices DEVICES") < out.index("--model.background_threshold")
+
+
+def test_background_writes_keep_order_count_and_raise_the_first_error(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grounding.lightning.prediction_writer import ImagePredictionWriter
+
+    writer = ImagePredictionWriter(threads=2)
+    writer._pool = ThreadPoolExecutor(2)
+    written = []
+
+    def write(record, sample):
+        if record["image_id"] == "bad":
+            raise OSError("disk full")
+        written.append(record["image_id"])
+
+    writer.write = write
+    records = [{"image_id": str(i)} for i in range(20)]
+    writer.on_predict_batch_end(None, None, records, [{"image_id": r["image_id"]} for r in records], 0)
+    writer._finish(0)
+    assert writer.predicted == 20 and sorted(written, key=int) == [str(i) for i in range(20)]
+    writer.on_predict_batch_end(None, None, [{"image_id": "bad"}], [{"image_id": "bad"}], 1)
+    with pytest.raises(OSError, match="disk full"):
+        writer._finish(0)
+    writer.teardown(None, None, "predict")
+    assert writer._pool is None and writer.predicted == 20

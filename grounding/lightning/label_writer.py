@@ -63,13 +63,18 @@ def _checked_id(image_id: Any) -> str:
     return name
 
 
+#: zlib level of the RGB PNGs (pictures for people): 1 encodes a 512 px overlay about 2.5x faster than PIL's
+#: default 6 for about a third more bytes; the PNGs stay lossless
+RGB_PNG_COMPRESS_LEVEL = 1
+
+
 def write_rgb_png(path: str | Path, image: torch.Tensor | np.ndarray) -> None:
-    """Write ``image`` (3, H, W) uint8 as an RGB PNG at ``path``, atomically."""
+    """Write ``image`` (3, H, W) uint8 as an RGB PNG at ``path``, atomically (zlib level ``RGB_PNG_COMPRESS_LEVEL``)."""
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim != 3 or array.shape[0] != 3 or array.dtype != np.uint8:
         raise ValueError(f"image for {path} must be (3, H, W) uint8; got {array.shape} {array.dtype}")
     picture = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
-    write_atomic(path, lambda temporary: picture.save(temporary, format="PNG"))
+    write_atomic(path, lambda temporary: picture.save(temporary, format="PNG", compress_level=RGB_PNG_COMPRESS_LEVEL))
 
 
 class PredictionPngWriter(Callback):

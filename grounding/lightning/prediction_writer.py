@@ -34,6 +34,8 @@ hand back to the main process too.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -50,12 +52,23 @@ log = logging.getLogger(__name__)
 
 
 class ImagePredictionWriter(Callback):
-    """See the module docstring."""
+    """See the module docstring.
 
-    def __init__(self) -> None:
+    threads: the images' files are drawn, encoded and written by this many background threads (PNG encoding
+        releases the GIL), while the model goes on with the next batch; at most ``4 * threads`` images wait.
+        0: in the loop itself. Each image's record is still written after its files, and an error in any write
+        stops the run at the next batch (or at the end) with that error.
+    """
+
+    def __init__(self, threads: int = 2) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be an integer >= 0, got {threads!r}")
+        self.threads = threads
         self.out_dir: Path | None = None
         self.palette: torch.Tensor | None = None
         self.predicted = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -64,6 +77,15 @@ class ImagePredictionWriter(Callback):
         self.out_dir = datamodule.resolve_out_dir()
         self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
         self.predicted = 0
+        self._pending.clear()
+        if self.threads and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="prediction-writer")
+
+    def _finish(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are pending; the first failed write's error is raised."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+            self.predicted += 1
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         samples = {str(sample["image_id"]): sample for sample in batch}
@@ -73,7 +95,15 @@ class ImagePredictionWriter(Callback):
             raise RuntimeError(f"{type(pl_module).__name__}.predict_step returned {type(outputs).__name__}, which "
                                "ImagePredictionWriter cannot write")
         for record in outputs:
-            self.write(record, samples[str(record["image_id"])])
+            sample = samples[str(record["image_id"])]
+            if isinstance(sample.get("image"), torch.Tensor):  # the device's batch: the writers draw on the CPU
+                sample = {**sample, "image": sample["image"].cpu()}
+            if self._pool is None:
+                self.write(record, sample)
+                self.predicted += 1
+            else:
+                self._pending.append(self._pool.submit(self.write, record, sample))
+        self._finish(4 * self.threads)
 
     def write(self, record: dict, sample: dict) -> None:
         """The files of one in-memory record, then its JSON record (naming them)."""
@@ -114,9 +144,16 @@ class ImagePredictionWriter(Callback):
         else:
             raise RuntimeError(f"ImagePredictionWriter cannot write a record with keys {sorted(record)}")
         write_json_atomic(record_path(self.out_dir, name), record, indent=1)
-        self.predicted += 1
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The pool is shut down whatever happened (an interrupted run waits for the writes under way)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(0)
         datamodule = trainer.datamodule
         counts = torch.tensor([self.predicted, len(datamodule.unreadable)], dtype=torch.float64)
         if trainer.world_size > 1:
