@@ -117,7 +117,7 @@ class Bench:
 BENCHES: tuple[Bench, ...] = (
     Bench("masking_overhead", "IMAGE: masking overhead", "bench_masking_overhead.py",
           ("--batch", "2", "--steps", "20", "--warmup", "3"),
-          ("--quick", "--batch", "1", "--steps", "1", "--warmup", "0"), 70,
+          ("--quick", "--batch", "1", "--steps", "1", "--warmup", "0"), 60,
           "Grounding DINO at Swin-T sizes (random weights), 800×1333, batch 2, bf16 autocast: median training-step "
           "time with RF-GAM masking vs without (20 interleaved steps; target ≤ 5 %), peak memory of each in a fresh "
           "process (target ≤ 50 MB extra)."),
@@ -129,33 +129,45 @@ BENCHES: tuple[Bench, ...] = (
           "(target ≤ 8.5 GB)."),
     Bench("training_throughput_b8", "IMAGE: training throughput, batch 8", "bench_training_throughput.py",
           ("--batches", "8", "--steps", "5", "--warmup", "2", "--memory-variants", "plain", "image_cdn"),
-          ("--quick", "--batches", "1", "--steps", "1", "--warmup", "0", "--memory-variants", "plain"), 85,
+          ("--quick", "--batches", "1", "--steps", "1", "--warmup", "0", "--memory-variants", "plain"), 70,
           "The same at batch 8 (5 timed steps; peak memory of plain and IMAGE + CDN only; target ≥ 10 images/s)."),
     Bench("maskinversion", "MaskInversion: decomposition vs naive", "bench_maskinversion.py",
           ("--sizes", "448", "--mask-counts", "5", "100", "--iterations", "10", "--naive-iterations", "2",
            "--repeats", "3"),
           ("--quick", "--model", "tiny", "--sizes", "64", "--mask-counts", "5", "--iterations", "2",
-           "--naive-iterations", "1", "--repeats", "1"), 55,
+           "--naive-iterations", "1", "--repeats", "1"), 50,
           "ViT-B/16 sizes (random weights), 448 px, 5 and 100 masks, 10 iterations, fp32: one whole MaskInversion "
           "call, decomposed vs naive (naive timed over 2 iterations and scaled to 10), each in a fresh process, "
           "best of 3 (targets: ≤ 0.15 s at 100 masks; ≥ 5× naive at 100 masks, not slower at 5)."),
     Bench("gem", "GEM: throughput", "bench_gem.py",
           ("--size", "448", "--batch", "32", "--rounds", "3"),
-          ("--quick", "--size", "64", "--batch", "1", "--rounds", "1"), 30,
+          ("--quick", "--size", "64", "--batch", "1", "--rounds", "1"), 25,
           "ViT-B/16 (random weights) at 448 px, batch 32, bf16: images/s of GEM, plain CLIP, MaskCLIP and "
           "CLIPSurgery (median of 3 rounds) and FLOPs per image (target: GEM ≥ 150 images/s)."),
     Bench("mimic", "MIMIC: 7B LLaVA seconds per iteration", "bench_mimic.py",
           ("--repeats", "10", "--cuda-iterations", "10"),
-          ("--quick", "--repeats", "2"), 55,
+          ("--quick", "--repeats", "2"), 50,
           "Per-term costs on the tiny model (CPU, 10 repetitions), then a random LLaVA of LLaVA-1.5-7B's sizes "
           "(all 32 language layers), bf16, 336 px, gradient checkpointing, ResNet-50 for R_V: seconds per "
           "iteration over 10 after one warm-up, peak memory (target: 500 iterations in ≤ 2 minutes)."),
     Bench("invseg", "InvSeg: attention capture at SD 2.1-base sizes", "bench_invseg_capture.py",
           ("--model", "sd21-base", "--dtype", "bfloat16"),
-          ("--quick", "--model", "reduced", "--image-size", "128", "--steps", "1", "--repeats", "1"), 70,
+          ("--quick", "--model", "reduced", "--image-size", "128", "--steps", "1", "--repeats", "1"), 60,
           "Stable Diffusion 2.1-base's sizes (random weights), bf16, 512 px: seconds of the 15-step adaptation of "
           "one image, capture at 16×16 only vs in every layer (median of 2, each variant in a fresh process), "
           "peak memory of each (the paper: 7.9 s per image on an H100)."),
+    Bench("predict", "grounding-predict against transformers' own loop", "bench_predict.py",
+          ("--images", "256", "--size", "320", "--rounds", "2", "--batch_size", "8", "--also_batch", "1", "--top_k", "10",
+           "--threads", "0"),
+          ("--quick", "--images", "8", "--size", "96", "--rounds", "1"), 30,
+          "The tiny detector and GEM of the synthetic configs on 256 synthetic 320 px images: images/s of "
+          "grounding-predict (batch 8 and 1, every output written) against transformers' processor + model + "
+          "post-processing loop and the plain DenseSimilarity loop, one image at a time (target: ratio ≥ 1)."),
+    Bench("vocabulary", "IMAGE: evaluation cost against the vocabulary", "bench_vocabulary.py",
+          (), ("--quick", "--counts", "80"), 25,
+          "Grounding DINO at Swin-T sizes (random weights), 800×1333, batch 2, bf16: evaluation images/s at 80 and "
+          "1,203 category names (2 and about 25 prompts of 256 tokens), the image backbone once per batch vs once "
+          "per prompt (3 batches each, interleaved), and that both give the same detections."),
     Bench("importance_prior", "IMAGE: importance prior at the stride-8 grid", "bench_importance_prior.py",
           ("--cuda-only",),
           ("--quick", "--height", "25", "--width", "42"), 25,

@@ -745,6 +745,11 @@ def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if asks_help:
         sys.stdout.write(parser.format_help() + "\n")
     options, rest = parser.parse_known_args(args)
+    given_data = [arg.split("=", 1)[0] for arg in rest if arg == "--data" or arg.startswith("--data.")]
+    if given_data:
+        exit_with_error(f"{given_data[0]}: grounding-predict reads the images of --inputs (and --classes, --text, "
+                        "--masks / --boxes, --out, --batch_size); the detector's resize is --predict.image_size / "
+                        "--predict.max_size")
     resolved = resolve_arguments(rest)
     method = config_sections(resolved).get("model", ("",))[0].rsplit(".", 1)[-1]
     synthesis = method in SYNTHESIS_MODULES

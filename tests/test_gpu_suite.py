@@ -49,12 +49,13 @@ def dead(pid: int) -> bool:
 def test_gpu_plan_covers_every_benchmark_within_eight_minutes():
     entries = suite.plan()
     assert [e.name for e in entries] == suite.NAMES
-    assert len(set(suite.NAMES)) == len(suite.NAMES) == 8
+    assert len(set(suite.NAMES)) == len(suite.NAMES) == 10
     assert sum(e.limit_s for e in entries) <= 465  # < 8 minutes with the suite's start-up and the last kill
     assert all(e.limit_s >= 20 for e in entries)
     commands = {e.name: e.display for e in entries}
     scripts = {e.name: Path(e.command[1]).name for e in entries}
-    assert set(scripts.values()) == {p.name for p in (REPO / "bench").glob("bench_*.py")}  # every bench runs
+    cpu_only = {"bench_predict_resume.py"}  # several CPU processes on one machine, killed and resumed
+    assert set(scripts.values()) == {p.name for p in (REPO / "bench").glob("bench_*.py")} - cpu_only  # every bench runs
     assert "--quick" not in " ".join(commands.values())
     assert "--batch 2" in commands["masking_overhead"]
     assert "--batches 2 " in commands["training_throughput_b2"] and "--batches 8 " in commands["training_throughput_b8"]

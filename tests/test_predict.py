@@ -86,7 +86,10 @@ def test_resume_redoes_only_the_missing(images, gem_run, capsys):
     for image_id in removed[1:]:  # a record left, but a file it names gone: redone too
         (out / "labels" / f"{image_id}.png").unlink()
     times = {i: (out / "records" / f"{i}.json").stat().st_mtime_ns for i in kept}
+    partial = out / "labels_overlays" / f".{removed[0]}.png.x1y2z3.tmp"  # what a killed write leaves
+    partial.write_bytes(b"half a png")
     summary = _run([*GEM, "--inputs", str(images), "--classes", CLASSES, "--out", str(out)], capsys, out.parent)
+    assert not partial.exists() and not list(out.rglob("*.tmp"))
     assert (summary["predicted"], summary["skipped_existing"], summary["unreadable"]) == (len(removed), len(kept), 1)
     assert {i: (out / "records" / f"{i}.json").stat().st_mtime_ns for i in kept} == times
     assert json.loads((out / "predictions.json").read_text()) == before
@@ -114,6 +117,7 @@ def test_detector_records_are_grounding_detector_records(images, tmp_path, capsy
 @pytest.mark.parametrize("args, message", [
     (["--classes", " , "], "classes (--classes) is empty"),
     (["--classes", "a", "--masks", "."], "--masks / --boxes are MaskInversion's regions; GEMSegmentationModule does not take them"),
+    (["--classes", "a", "--data.batch_size", "4"], "--data.batch_size: grounding-predict reads the images of --inputs"),
     (["--classes", "a", "--inputs", "no/such/folder"], "no such file or folder: no/such/folder"),
 ])
 def test_clear_errors(images, args, message, capsys):

@@ -133,6 +133,22 @@ def complete_record(out_dir: str | Path, image_id: str) -> dict | None:
     return record
 
 
+def remove_partial_writes(out_dir: str | Path) -> int:
+    """Delete the temporary files an interrupted run left in ``out_dir`` (``grounding.utils.write_atomic``'s
+    ``.<name>.<random>.tmp`` beside each file it was writing); returns how many."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d partial files an interrupted run left in %s", removed, folder)
+    return removed
+
+
 def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     """``"red circle, blue square"`` or a list of names -> the names, stripped; None stays None."""
     if classes is None:
@@ -220,6 +236,8 @@ class PredictionDataModule(LabelMapOutput, EvaluationDataModule):
         out_dir = self.resolve_out_dir()
         done: list[str] = []
         trainer = self.trainer
+        if trainer is None or trainer.is_global_zero:
+            remove_partial_writes(out_dir)
         if self.skip_existing and (trainer is None or trainer.is_global_zero):
             done = [item for item in self.ids if complete_record(out_dir, item) is not None]
         if trainer is not None and trainer.world_size > 1:

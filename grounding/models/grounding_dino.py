@@ -327,7 +327,8 @@ def shared_image_backbone(model: GroundingDinoFamily) -> Iterator[None]:
     cached: list = []  # [pixel_values, pixel_mask, their versions, the output]: the tensors held, so never reused
 
     def forward(pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
-        versions = (pixel_values._version, pixel_mask._version)
+        # an inference-mode tensor has no version counter, and cannot be changed in place outside that mode
+        versions = tuple(None if t.is_inference() else t._version for t in (pixel_values, pixel_mask))
         if not (cached and cached[0] is pixel_values and cached[1] is pixel_mask and cached[2] == versions):
             cached[:] = [pixel_values, pixel_mask, versions, original(pixel_values, pixel_mask)]
         return cached[3]
@@ -338,3 +339,72 @@ def shared_image_backbone(model: GroundingDinoFamily) -> Iterator[None]:
     finally:
         del backbone.forward
         cached.clear()
+
+
+#: the transformers modules whose detector forward builds the loss's label maps with a module-level
+#: ``build_label_maps(logits, input_ids)`` (Grounding DINO, MM-Grounding-DINO)
+LABEL_MAP_MODULES = (
+    "transformers.models.grounding_dino.modeling_grounding_dino",
+    "transformers.models.mm_grounding_dino.modeling_mm_grounding_dino",
+)
+
+
+@contextlib.contextmanager
+def batch_label_maps(label_maps: list[torch.Tensor]) -> Iterator[list[int]]:
+    """Inside the block, the loss of a forward pass with ``labels`` uses the batch's own label maps instead of
+    the ones transformers derives from the prompt (one label per run of tokens between delimiters).
+
+    label_maps: one (R_i, max_text_len) 0/1 tensor per image of the batch; row r marks the tokens of label r
+        of image i (a phrase of its caption, a category of its prompt). Yields ``offsets``: the
+        ``class_labels`` handed to the model (and to the denoising targets) must be ``r + offsets[i]``
+        (``offset_class_labels``).
+
+    transformers' loss reads the label maps twice: the matcher takes ``label_maps[i][class_labels]`` per
+    image, while the focal loss concatenates all images' maps and moves image i's labels by
+    ``len(label_maps[i])`` (releases up to 5.x), which points at the right rows only when every image has
+    the same map. So every image is handed the same stacked tensor S = [M_0; M_1; ...] (sum of R_i rows) and
+    image i's labels point at its own block of S: the matcher reads S[offsets[i] + r]; the concatenation of
+    B copies of S read at ``len(S) + offsets[i] + r`` (or at ``i·len(S) + offsets[i] + r``, had the library
+    moved them by the rows before image i) is the same row. Both classes' module-level ``build_label_maps``
+    are replaced for the duration of the block and put back after it, however it ends.
+    """
+    import importlib
+
+    maps = [torch.as_tensor(m) for m in label_maps]
+    if not maps:
+        raise ValueError("batch_label_maps needs one label map per image; got none")
+    width = maps[0].shape[-1]
+    for index, label_map in enumerate(maps):
+        if label_map.dim() != 2 or label_map.shape[-1] != width:
+            raise ValueError(f"label map {index} has shape {tuple(label_map.shape)}; expected (rows, {width}) like the first one")
+    offsets, total = [], 0
+    for label_map in maps:
+        offsets.append(total)
+        total += label_map.shape[0]
+    stacked = torch.cat([m.to(maps[0].device) for m in maps]).to(torch.long)
+
+    def build(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if logits.shape[0] != len(maps):
+            raise ValueError(f"batch_label_maps holds {len(maps)} label maps but the forward pass has {logits.shape[0]} images")
+        if logits.shape[-1] != width:
+            raise ValueError(f"label maps of {width} token columns for logits of {logits.shape[-1]} (the model's max_text_len)")
+        on_device = stacked.to(logits.device)
+        return tuple(on_device for _ in maps)
+
+    modules = [importlib.import_module(name) for name in LABEL_MAP_MODULES]
+    originals = [module.build_label_maps for module in modules]
+    for module in modules:
+        module.build_label_maps = build
+    try:
+        yield offsets
+    finally:
+        for module, original in zip(modules, originals):
+            module.build_label_maps = original
+
+
+def offset_class_labels(labels: list[dict], offsets: list[int]) -> list[dict]:
+    """``labels`` (one dict per image with ``class_labels``) with image i's labels moved by ``offsets[i]``
+    (``batch_label_maps``); the other keys are kept as they are."""
+    if len(labels) != len(offsets):
+        raise ValueError(f"{len(labels)} label dicts for {len(offsets)} label maps")
+    return [dict(label, class_labels=label["class_labels"] + offset) for label, offset in zip(labels, offsets)]

@@ -305,7 +305,8 @@ def test_the_image_backbone_runs_once_for_all_prompts_with_the_same_detections(s
     calls = []
     module.detector.model.backbone.conv_encoder.register_forward_hook(lambda *args: calls.append(1))  # Swin itself
     sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
-    shared = module.detect(batch["pixel_values"], batch["pixel_mask"], sizes)
+    with torch.inference_mode():  # as Trainer.test and Trainer.predict run it
+        shared = module.detect(batch["pixel_values"].clone(), batch["pixel_mask"].clone(), sizes)
     assert len(calls) == 1
     rerun = module.detect(batch["pixel_values"], batch["pixel_mask"], sizes, share_backbone=False)
     assert len(calls) == 1 + len(module.prompts)

@@ -1,0 +1,288 @@
+"""grounding-predict throughput against the plain per-image loops it wraps, on the same images and weights.
+
+    python bench/bench_predict.py --quick   # 32 synthetic 96 px images, 1 round (CPU, < 1 minute)
+    python bench/bench_predict.py           # 128 images, 3 rounds, also --batch_size 4
+
+Two methods, each in this process, on one folder of synthetic images (``grounding.data.synthetic``):
+
+- detector: the tiny random Grounding DINO of ``configs/image/synthetic.yaml``, built once and saved as a
+  transformers folder (``GroundingDetector.save_pretrained``, the resize of the config's data); grounding-predict
+  loads that folder (``--model.model FOLDER``). Anchor: transformers' own loop on the same folder, one image at a
+  time: PIL read, ``AutoProcessor``, ``AutoModelForZeroShotObjectDetection``,
+  ``processor.post_process_grounded_object_detection``. Both get the same prompt, threshold and top-k; their
+  boxes and scores are compared (largest absolute difference, in pixels / probability).
+- GEM: ``configs/gem/synthetic.yaml`` (tiny random CLIP). Anchor: the README's "Without Lightning" loop with
+  the config's settings: ``read_image``, ``DenseSimilarity``, the arg-max with the config's background rule
+  (``labels_with_background``), the class text embedded once. The label maps are compared with the PNGs
+  grounding-predict wrote.
+
+grounding-predict runs in-process through ``grounding.cli.predict([...])``, each call into a fresh ``--out``
+folder (nothing skipped), so a timed call includes what a user's second call pays: building the model and the
+Trainer, reading, predicting and writing every output (drawn boxes or label maps, heatmaps, records,
+predictions.json), but not the imports. The first call of each method (imports and lazy initialization
+included) is timed apart (``*_first_call_s``), as is a call on one image (``*_one_image_call_s``: the fixed
+cost of a call). The two sides take turns every round; images/s = images / median time of a round.
+grounding-predict's picture writers (``--writer_threads``, its default) run beside torch's thread; the anchors
+write nothing.
+``detector_draw_ms_per_image``: ``grounding.visualize.draw_boxes`` alone on the written records, the part of
+the detector's writing that grows with the number of boxes. On a CPU shared with other work, torch's
+threads wait for each other whenever one core is taken (a 2-thread matrix product ran up to 9x slower than
+alone on the 2-core sandbox while other jobs ran, and ``--quick`` took 4-5 minutes instead of half of one), so
+both sides run on one thread by default (``--threads 0``: torch's own choice); ``loadavg_1min_start_end``
+records the load. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from grounding.data.synthetic import SyntheticConfig, generate  # noqa: E402
+
+DETECTOR_CONFIG = REPO / "configs" / "image" / "synthetic.yaml"
+GEM_CONFIG = REPO / "configs" / "gem" / "synthetic.yaml"
+DETECTOR_CLASSES = ["red circle", "blue square", "green triangle"]
+GEM_CLASSES = ["background", *DETECTOR_CLASSES]
+
+
+def init_args(config: Path, section: str) -> dict:
+    return dict(yaml.safe_load(config.read_text())[section]["init_args"])
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PredictRunner:
+    """``grounding.cli.predict`` of one config on the image folder, each call into a new output folder."""
+
+    def __init__(self, work: Path, base: list[str], device: str) -> None:
+        accelerator = ["--trainer.accelerator", "gpu", "--trainer.devices", "1"] if device.startswith("cuda") else \
+            ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+        self.work, self.calls = work, 0
+        self.base = [*base, *accelerator, "--trainer.logger", "false", "--progress.mode", "never",
+                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work / "root")]
+
+    def __call__(self, inputs: list[str], batch_size: int, device: str) -> tuple[float, Path, dict]:
+        from grounding.cli import predict
+
+        self.calls += 1
+        out = self.work / f"out{self.calls}"
+        synchronize(device)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # its summary line; the bench's own JSON line ends stdout
+            summary = predict([*self.base, "--inputs", *inputs, "--out", str(out), "--batch_size", str(batch_size)])
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        if summary["predicted"] != summary["images"]:
+            raise SystemExit(f"grounding-predict predicted {summary['predicted']} of {summary['images']} images")
+        return seconds, out, summary
+
+
+def detector_anchor(folder: Path, prompt: str, threshold: float, text_threshold: float,
+                    top_k: int | None, device: str):
+    """transformers' own loop over ``files``, one image at a time; returns a function that runs it."""
+    from PIL import Image
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device).eval()
+
+    def run(which: list[Path]) -> dict[str, dict]:
+        results = {}
+        for path in which:
+            image = Image.open(path).convert("RGB")
+            inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+            with torch.no_grad():
+                outputs = model(**inputs)
+            result = processor.post_process_grounded_object_detection(
+                outputs, input_ids=inputs["input_ids"], threshold=threshold, text_threshold=text_threshold,
+                target_sizes=[(image.height, image.width)])[0]
+            order = torch.argsort(result["scores"], descending=True, stable=True)[:top_k]
+            results[path.stem] = {"boxes": result["boxes"][order].cpu(), "scores": result["scores"][order].cpu()}
+        return results
+
+    return run
+
+
+def gem_anchor(files: list[Path], device: str):
+    """The README's GEM loop with the config's settings; returns a function that runs it."""
+    from torchvision.io import read_image
+
+    from grounding.models.clip import build_clip
+    from grounding.models.gem import DenseSimilarity, labels_with_background
+
+    settings = init_args(GEM_CONFIG, "model")
+    backbone = build_clip(settings["backbone"], image_size=448).to(device).eval()  # as GEMSegmentationModule builds it
+    gem = DenseSimilarity(backbone, method=settings["method"], depth=settings["depth"], iterations=settings["iterations"],
+                          short_side=settings["short_side"])
+    background = GEM_CLASSES.index("background")
+    foreground = [c for c in range(len(GEM_CLASSES)) if c != background]
+    text = gem.text([GEM_CLASSES[c] for c in foreground]).to(device)
+
+    def run(which: list[Path]) -> dict[str, np.ndarray]:
+        labels = {}
+        for path in which:
+            image = read_image(str(path)).to(device)
+            maps = gem(image, text)
+            labels[path.stem] = labels_with_background(
+                maps, foreground, background, settings["background_threshold"]).cpu().numpy()
+        return labels
+
+    return run
+
+
+def compare_detections(out: Path, anchor: dict[str, dict]) -> dict:
+    records = json.loads((out / "predictions.json").read_text())
+    box_diff = score_diff = 0.0
+    counts_equal, boxes = True, 0
+    for record in records:
+        expected = anchor[record["image_id"]]
+        got_boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
+        got_scores = torch.tensor(record["scores"], dtype=torch.float32)
+        boxes += len(got_scores)
+        if got_boxes.shape != expected["boxes"].shape:
+            counts_equal = False
+            continue
+        if len(got_scores):
+            box_diff = max(box_diff, float((got_boxes - expected["boxes"]).abs().max()))
+            score_diff = max(score_diff, float((got_scores - expected["scores"]).abs().max()))
+    return {"detector_boxes_max_abs_diff": box_diff, "detector_scores_max_abs_diff": score_diff,
+            "detector_box_counts_equal": counts_equal and len(records) == len(anchor),
+            "detector_boxes_per_image": round(boxes / max(len(records), 1), 2)}
+
+
+def draw_ms_per_image(out: Path) -> float:
+    from grounding.data.images import image_tensor, read_rgb_image
+    from grounding.visualize import PRED_COLOR, draw_boxes
+
+    records = json.loads((out / "predictions.json").read_text())
+    images = [image_tensor(read_rgb_image(record["path"])) for record in records]
+    start = time.perf_counter()
+    for image, record in zip(images, records):
+        labels = [f"{label} {score:.2f}" for label, score in zip(record["labels"], record["scores"])]
+        draw_boxes(image, torch.tensor(record["boxes"]).reshape(-1, 4), labels, PRED_COLOR)
+    return 1000 * (time.perf_counter() - start) / max(len(records), 1)
+
+
+def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder: Path, args,
+            device: str) -> tuple[dict, Path, object]:
+    """First call, rounds of predict / anchor in turn, batch ``also_batch``, a one-image call."""
+    inputs = [str(folder)]
+    first, _, _ = runner(inputs, args.batch_size, device)
+    anchor(files[:2])  # the anchor's own lazy initialization, untimed
+    predict_times, anchor_times, batched_times = [], [], []
+    last_out, anchor_result = None, None
+    for _ in range(args.rounds):
+        seconds, last_out, _ = runner(inputs, args.batch_size, device)
+        predict_times.append(seconds)
+        synchronize(device)
+        start = time.perf_counter()
+        anchor_result = anchor(files)
+        synchronize(device)
+        anchor_times.append(time.perf_counter() - start)
+        if args.also_batch and args.also_batch != args.batch_size:
+            batched_times.append(runner(inputs, args.also_batch, device)[0])
+    one, _, _ = runner([str(files[0])], args.batch_size, device)
+    n = len(files)
+    predict_rate = n / statistics.median(predict_times)
+    anchor_rate = n / statistics.median(anchor_times)
+    figures = {
+        f"{name}_first_call_s": round(first, 2),
+        f"{name}_one_image_call_s": round(one, 2),
+        f"{name}_predict_images_per_s": round(predict_rate, 2),
+        f"{name}_anchor_images_per_s": round(anchor_rate, 2),
+        f"{name}_predict_over_anchor": round(predict_rate / anchor_rate, 3),
+    }
+    if batched_times:
+        figures[f"{name}_predict_batch{args.also_batch}_images_per_s"] = round(n / statistics.median(batched_times), 2)
+    return figures, last_out, anchor_result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 images, 1 round")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 128; quick 32)")
+    parser.add_argument("--size", type=int, default=96, help="side of the synthetic images in pixels (default 96)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; quick 1)")
+    parser.add_argument("--batch_size", type=int, default=1, help="grounding-predict's --batch_size (default 1)")
+    parser.add_argument("--also_batch", type=int, default=4, help="also time grounding-predict at this --batch_size (0: no)")
+    parser.add_argument("--box_threshold", type=float, default=0.35, help="detector threshold, both sides (default 0.35)")
+    parser.add_argument("--text_threshold", type=float, default=0.25)
+    parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image, both sides")
+    parser.add_argument("--methods", nargs="+", choices=["detector", "gem"], default=["detector", "gem"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; 0: torch's own choice)")
+    parser.add_argument("--out", default=None, help="also write the JSON figures to this file")
+    args = parser.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads and device == "cpu":
+        torch.set_num_threads(args.threads)
+    images = args.images or (32 if args.quick else 128)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    load_start = os.getloadavg()[0]
+
+    figures: dict = {"device": f"{device} x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name(),
+                     "images": images, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        work = Path(tmp)
+        root = generate(work / "data", SyntheticConfig(image_size=args.size, num_train=0, num_val=images, num_test=0, seed=7))
+        folder = root / "images" / "val"
+        files = sorted(folder.glob("*.jpg"))
+
+        if "detector" in args.methods:
+            from grounding.models.detector import GroundingDetector, build_processor, class_prompt
+            from grounding.models.grounding_dino import build_grounding_dino
+
+            data = init_args(DETECTOR_CONFIG, "data")
+            torch.manual_seed(0)
+            model, tokenizer = build_grounding_dino(init_args(DETECTOR_CONFIG, "model")["model"])
+            processor = build_processor(tokenizer, data["image_size"], data["max_size"])
+            exported = GroundingDetector(model, processor).save_pretrained(work / "detector")
+            del model
+            base = ["--config", str(DETECTOR_CONFIG), "--model.model", str(exported), "--classes", ", ".join(DETECTOR_CLASSES),
+                    "--box_threshold", str(args.box_threshold), "--text_threshold", str(args.text_threshold),
+                    *(["--top_k", str(args.top_k)] if args.top_k else [])]
+            runner = PredictRunner(work / "detector_runs", base, device)
+            anchor = detector_anchor(exported, class_prompt(DETECTOR_CLASSES), args.box_threshold, args.text_threshold,
+                                     args.top_k, device)
+            measured, out, anchor_result = measure("detector", runner, anchor, files, folder, args, device)
+            figures.update(measured)
+            figures.update(compare_detections(out, anchor_result))
+            figures["detector_draw_ms_per_image"] = round(draw_ms_per_image(out), 2)
+
+        if "gem" in args.methods:
+            from PIL import Image
+
+            runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES)], device)
+            anchor = gem_anchor(files, device)
+            measured, out, anchor_result = measure("gem", runner, anchor, files, folder, args, device)
+            figures.update(measured)
+            equal = sum(np.array_equal(np.array(Image.open(out / "labels" / f"{image_id}.png")), labels)
+                        for image_id, labels in anchor_result.items())
+            figures["gem_label_maps_equal"] = f"{equal}/{len(anchor_result)}"
+    figures["loadavg_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    line = json.dumps(figures)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
