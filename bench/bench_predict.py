@@ -22,6 +22,7 @@ Trainer, reading, predicting and writing every output (drawn boxes or label maps
 predictions.json), but not the imports. The first call of each method (imports and lazy initialization
 included) is timed apart (``*_first_call_s``), as is a call on one image (``*_one_image_call_s``: the fixed
 cost of a call). The two sides take turns every round; images/s = images / median time of a round.
+``*_no_pictures_*``: the same call with ``--no_pictures`` (records and label maps only, as for a large folder).
 grounding-predict's picture writers (``--writer_threads``, its default) run beside torch's thread; the anchors
 write nothing.
 ``detector_draw_ms_per_image``: ``grounding.visualize.draw_boxes`` alone on the written records, the part of
@@ -78,7 +79,7 @@ class PredictRunner:
         self.base = [*base, *accelerator, "--trainer.logger", "false", "--progress.mode", "never",
                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work / "root")]
 
-    def __call__(self, inputs: list[str], batch_size: int, device: str) -> tuple[float, Path, dict]:
+    def __call__(self, inputs: list[str], batch_size: int, device: str, extra: tuple[str, ...] = ()) -> tuple[float, Path, dict]:
         from grounding.cli import predict
 
         self.calls += 1
@@ -86,7 +87,7 @@ class PredictRunner:
         synchronize(device)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # its summary line; the bench's own JSON line ends stdout
-            summary = predict([*self.base, "--inputs", *inputs, "--out", str(out), "--batch_size", str(batch_size)])
+            summary = predict([*self.base, "--inputs", *inputs, "--out", str(out), "--batch_size", str(batch_size), *extra])
         synchronize(device)
         seconds = time.perf_counter() - start
         if summary["predicted"] != summary["images"]:
@@ -186,7 +187,7 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
     inputs = [str(folder)]
     first, _, _ = runner(inputs, args.batch_size, device)
     anchor(files[:2])  # the anchor's own lazy initialization, untimed
-    predict_times, anchor_times, batched_times = [], [], []
+    predict_times, anchor_times, batched_times, bare_times = [], [], [], []
     last_out, anchor_result = None, None
     for _ in range(args.rounds):
         seconds, last_out, _ = runner(inputs, args.batch_size, device)
@@ -198,6 +199,7 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
         anchor_times.append(time.perf_counter() - start)
         if args.also_batch and args.also_batch != args.batch_size:
             batched_times.append(runner(inputs, args.also_batch, device)[0])
+        bare_times.append(runner(inputs, args.batch_size, device, ("--no_pictures",))[0])
     one, _, _ = runner([str(files[0])], args.batch_size, device)
     n = len(files)
     predict_rate = n / statistics.median(predict_times)
@@ -208,6 +210,8 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
         f"{name}_predict_images_per_s": round(predict_rate, 2),
         f"{name}_anchor_images_per_s": round(anchor_rate, 2),
         f"{name}_predict_over_anchor": round(predict_rate / anchor_rate, 3),
+        f"{name}_no_pictures_images_per_s": round(n / statistics.median(bare_times), 2),
+        f"{name}_no_pictures_over_anchor": round(n / statistics.median(bare_times) / anchor_rate, 3),
     }
     if batched_times:
         figures[f"{name}_predict_batch{args.also_batch}_images_per_s"] = round(n / statistics.median(batched_times), 2)

@@ -722,6 +722,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true", help="read the sub-folders of a folder too")
     parser.add_argument("--redo", action="store_true", help="predict every image again, also those with complete outputs")
     parser.add_argument("--batch_size", type=int, default=1, help="images per step of each process")
+    parser.add_argument("--no_pictures", action="store_true", help="write only the records and the data files (label "
+                        "PNGs, embeddings): no drawn boxes, overlays, heatmaps or maps")
     parser.add_argument("--writer_threads", type=int, default=2, help="threads of each process drawing, encoding "
                         "and writing the outputs while the model runs (0: in the loop)")
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector: keep boxes scoring above this")
@@ -829,7 +831,7 @@ def predict(args: list[str] | None = None) -> dict:
             "max_size": options.max_size if options.max_size is not None else config_data.get("max_size", 1333),
         }
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PredictionPngWriter)]
-    trainer.callbacks.append(ImagePredictionWriter(options.writer_threads))
+    trainer.callbacks.append(ImagePredictionWriter(options.writer_threads, pictures=not options.no_pictures))
     fix_logger_versions(trainer)
     stdout = sys.stdout
     with _run():

@@ -186,3 +186,16 @@ def test_background_writes_keep_order_count_and_raise_the_first_error(tmp_path):
         writer._finish(0)
     writer.teardown(None, None, "predict")
     assert writer._pool is None and writer.predicted == 20
+
+
+def test_no_pictures_writes_the_records_and_label_maps_only(images, gem_run, tmp_path, capsys):
+    out, _ = gem_run
+    files = sorted(images.glob("*.jpg"))[:2]
+    summary = _run([*GEM, "--inputs", *map(str, files), "--classes", CLASSES, "--out", str(tmp_path / "bare"), "--no_pictures"],
+                   capsys, tmp_path)
+    assert summary["predicted"] == 2
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["labels", "predictions.json", "records"]
+    for file in files:
+        record = json.loads((tmp_path / "bare" / "records" / f"{file.stem}.json").read_text())
+        assert set(record) == {"image_id", "path", "classes", "label_map"}
+        assert (tmp_path / "bare" / record["label_map"]).read_bytes() == (out / record["label_map"]).read_bytes()

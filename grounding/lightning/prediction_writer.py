@@ -58,12 +58,15 @@ class ImagePredictionWriter(Callback):
         releases the GIL), while the model goes on with the next batch; at most ``4 * threads`` images wait.
         0: in the loop itself. Each image's record is still written after its files, and an error in any write
         stops the run at the next batch (or at the end) with that error.
+    pictures: False writes only the records and the data files (label PNGs, embeddings, MIMIC's images): no
+        drawn boxes, overlays, heatmaps or region maps (a large folder at the model's speed).
     """
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self, threads: int = 2, pictures: bool = True) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ValueError(f"threads must be an integer >= 0, got {threads!r}")
         self.threads = threads
+        self.pictures = pictures
         self.out_dir: Path | None = None
         self.palette: torch.Tensor | None = None
         self.predicted = 0
@@ -110,13 +113,17 @@ class ImagePredictionWriter(Callback):
         name = _checked_id(record["image_id"])
         image = sample.get("image")
         if "boxes" in record:
-            record = {**record, "drawn": f"drawn/{name}.png"}
-            write_rgb_png(self.out_dir / record["drawn"], draw_record(record, image))
+            if self.pictures:
+                record = {**record, "drawn": f"drawn/{name}.png"}
+                write_rgb_png(self.out_dir / record["drawn"], draw_record(record, image))
         elif "label_map" in record:
             labels = record["label_map"]
-            files = {"label_map": f"labels/{name}.png", "overlay": f"labels_overlays/{name}.png"}
+            files = {"label_map": f"labels/{name}.png"}
             write_label_png(self.out_dir / files["label_map"], labels, self.palette)
-            write_rgb_png(self.out_dir / files["overlay"], labelled_overlay(image, labels, record["classes"], self.palette))
+            record = {key: value for key, value in record.items() if self.pictures or key != "heatmaps"}
+            if self.pictures:
+                files["overlay"] = f"labels_overlays/{name}.png"
+                write_rgb_png(self.out_dir / files["overlay"], labelled_overlay(image, labels, record["classes"], self.palette))
             if "heatmaps" in record:
                 index = {class_name: i for i, class_name in enumerate(record["classes"])}
                 files["heatmaps"] = {}
@@ -130,7 +137,8 @@ class ImagePredictionWriter(Callback):
             payload = {"image_id": name, "region_ids": region_ids, "embeddings": record["embeddings"], "method": record["method"]}
             files = {"embeddings": f"embeddings/{name}.pt", "maps": {}}
             write_atomic(self.out_dir / files["embeddings"], lambda temporary: torch.save(payload, temporary))
-            for region, heat in zip(region_ids, record["maps"] if record["maps"] is not None else []):
+            maps = record["maps"] if record["maps"] is not None and self.pictures else []
+            for region, heat in zip(region_ids, maps):
                 path = f"maps/{name}/{_checked_id(region)}.png"
                 write_rgb_png(self.out_dir / path, overlay_heatmap(image, heat))
                 files["maps"][region] = path
