@@ -23,6 +23,8 @@ predictions.json), but not the imports. The first call of each method (imports a
 included) is timed apart (``*_first_call_s``), as is a call on one image (``*_one_image_call_s``: the fixed
 cost of a call). The two sides take turns every round; images/s = images / median time of a round.
 ``*_no_pictures_*``: the same call with ``--no_pictures`` (records and label maps only, as for a large folder).
+``*_steady_*``: (images - 1) / (a call's median time - the one-image call's time), the rate of a call once its
+fixed cost (the model and the Trainer built, the outputs gathered) is paid, as on a large folder.
 grounding-predict's picture writers (``--writer_threads``, its default) run beside torch's thread; the anchors
 write nothing.
 ``detector_draw_ms_per_image``: ``grounding.visualize.draw_boxes`` alone on the written records, the part of
@@ -213,6 +215,10 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
         f"{name}_no_pictures_images_per_s": round(n / statistics.median(bare_times), 2),
         f"{name}_no_pictures_over_anchor": round(n / statistics.median(bare_times) / anchor_rate, 3),
     }
+    if n > 1 and statistics.median(predict_times) > one:  # the per-image rate once a call's fixed cost is paid
+        steady = (n - 1) / (statistics.median(predict_times) - one)
+        figures[f"{name}_steady_images_per_s"] = round(steady, 2)
+        figures[f"{name}_steady_over_anchor"] = round(steady / anchor_rate, 3)
     if batched_times:
         figures[f"{name}_predict_batch{args.also_batch}_images_per_s"] = round(n / statistics.median(batched_times), 2)
     return figures, last_out, anchor_result
