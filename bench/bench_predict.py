@@ -74,11 +74,11 @@ def synchronize(device: str) -> None:
 class PredictRunner:
     """``grounding.cli.predict`` of one config on the image folder, each call into a new output folder."""
 
-    def __init__(self, work: Path, base: list[str], device: str) -> None:
+    def __init__(self, work: Path, base: list[str], device: str, num_workers: int = 0) -> None:
         accelerator = ["--trainer.accelerator", "gpu", "--trainer.devices", "1"] if device.startswith("cuda") else \
             ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
         self.work, self.calls = work, 0
-        self.base = [*base, *accelerator, "--trainer.logger", "false", "--progress.mode", "never",
+        self.base = [*base, *accelerator, "--num_workers", str(num_workers), "--trainer.logger", "false", "--progress.mode", "never",
                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work / "root")]
 
     def __call__(self, inputs: list[str], batch_size: int, device: str, extra: tuple[str, ...] = ()) -> tuple[float, Path, dict]:
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96, help="side of the synthetic images in pixels (default 96)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; quick 1)")
     parser.add_argument("--batch_size", type=int, default=1, help="grounding-predict's --batch_size (default 1)")
+    parser.add_argument("--num_workers", type=int, default=0, help="grounding-predict's --num_workers (default 0)")
     parser.add_argument("--also_batch", type=int, default=4, help="also time grounding-predict at this --batch_size (0: no)")
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector threshold, both sides (default 0.35)")
     parser.add_argument("--text_threshold", type=float, default=0.25)
@@ -248,7 +249,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
 
     figures: dict = {"device": f"{device} x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name(),
-                     "images": images, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size}
+                     "images": images, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size,
+                     "num_workers": args.num_workers}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
         root = generate(work / "data", SyntheticConfig(image_size=args.size, num_train=0, num_val=images, num_test=0, seed=7))
@@ -268,7 +270,7 @@ def main() -> None:
             base = ["--config", str(DETECTOR_CONFIG), "--model.model", str(exported), "--classes", ", ".join(DETECTOR_CLASSES),
                     "--box_threshold", str(args.box_threshold), "--text_threshold", str(args.text_threshold),
                     *(["--top_k", str(args.top_k)] if args.top_k else [])]
-            runner = PredictRunner(work / "detector_runs", base, device)
+            runner = PredictRunner(work / "detector_runs", base, device, args.num_workers)
             anchor = detector_anchor(exported, class_prompt(DETECTOR_CLASSES), args.box_threshold, args.text_threshold,
                                      args.top_k, device)
             measured, out, anchor_result = measure("detector", runner, anchor, files, folder, args, device)
@@ -279,7 +281,8 @@ def main() -> None:
         if "gem" in args.methods:
             from PIL import Image
 
-            runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES)], device)
+            runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES)], device,
+                                   args.num_workers)
             anchor = gem_anchor(files, device)
             measured, out, anchor_result = measure("gem", runner, anchor, files, folder, args, device)
             figures.update(measured)

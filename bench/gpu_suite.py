@@ -158,10 +158,10 @@ BENCHES: tuple[Bench, ...] = (
           "peak memory of each (the paper: 7.9 s per image on an H100)."),
     Bench("predict", "grounding-predict against transformers' own loop", "bench_predict.py",
           ("--images", "256", "--size", "320", "--rounds", "2", "--batch_size", "8", "--also_batch", "1", "--top_k", "10",
-           "--threads", "0"),
+           "--threads", "0", "--num_workers", "4"),
           ("--quick", "--images", "8", "--size", "96", "--rounds", "1"), 30,
           "The tiny detector and GEM of the synthetic configs on 256 synthetic 320 px images: images/s of "
-          "grounding-predict (batch 8 and 1, every output written) against transformers' processor + model + "
+          "grounding-predict (batch 8 and 1, 4 loader workers, every output written) against transformers' processor + model + "
           "post-processing loop and the plain DenseSimilarity loop, one image at a time (target: ratio ≥ 1)."),
     Bench("vocabulary", "IMAGE: evaluation cost against the vocabulary", "bench_vocabulary.py",
           (), ("--quick", "--counts", "80"), 25,

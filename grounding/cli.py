@@ -722,6 +722,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true", help="read the sub-folders of a folder too")
     parser.add_argument("--redo", action="store_true", help="predict every image again, also those with complete outputs")
     parser.add_argument("--batch_size", type=int, default=1, help="images per step of each process")
+    parser.add_argument("--num_workers", type=int, default=0, help="loader processes of each process reading and "
+                        "decoding the images (0: in the loop)")
     parser.add_argument("--no_pictures", action="store_true", help="write only the records and the data files (label "
                         "PNGs, embeddings): no drawn boxes, overlays, heatmaps or maps")
     parser.add_argument("--writer_threads", type=int, default=2, help="threads of each process drawing, encoding "
@@ -766,7 +768,7 @@ def predict_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     except ValueError as error:
         exit_with_error(str(error))
     common = {"classes": classes, "text": options.text, "out_dir": options.out, "skip_existing": not options.redo,
-              "batch_size": options.batch_size}
+              "batch_size": options.batch_size, "num_workers": options.num_workers}
     if synthesis:
         data, data_class = common, TARGET_TEXT_DATA
     else:
