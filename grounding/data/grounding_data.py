@@ -78,7 +78,10 @@ log = logging.getLogger(__name__)
 CHECK_IMAGES = ("none", "eval", "all")
 FORMATS = ("odvg", "synthetic")
 TRAIN_SOURCE_KEYS = ("anno", "image_root", "label_map", "weight", "name")
-EVAL_SOURCE_KEYS = ("anno", "image_root", "name")
+EVAL_SOURCE_KEYS = ("anno", "image_root", "name", "protocol")
+#: evaluation protocols of a grounding file: referring expressions (one text per expression) or phrase grounding
+#: (one caption per record, every phrase of it scored in that caption)
+PROTOCOLS = ("rec", "phrase")
 DETECTION_EVAL_KEYS = ("annotations", "images")
 
 #: a caption naming a horizontal side is not flipped (the flip would make it false)
@@ -302,8 +305,49 @@ def expressions_of(record: OdvgRecord, start_id: int, image: Path, split: str | 
     return expressions
 
 
-def load_expressions(source: dict, index: int, split: str, start_id: int, check_images: bool) -> tuple[list[Expression], SkipReport]:
-    """The expressions of one evaluation source (``{"anno", "image_root", "name"}``), ids from ``start_id``."""
+@dataclass
+class Sentence:
+    """One caption of a phrase-grounding split (Flickr30k Entities) and its phrases."""
+
+    sentence_id: int
+    image: Path
+    width: int
+    height: int
+    image_id: object
+    caption: str
+    phrases: list[Phrase]
+    split: str | None
+    where: str  # file:line
+
+
+@dataclass
+class Phrase:
+    """One phrase of a ``Sentence``: its character spans in the caption and its ground-truth boxes."""
+
+    phrase_id: int
+    spans: list[list[int]]
+    text: str
+    gt_boxes: list[list[float]]
+
+
+def phrases_of(record: OdvgRecord, start_id: int) -> list[Phrase]:
+    """The phrases of one grounding record: one per distinct set of spans among its regions (its boxes: the
+    regions with those spans, clipped to the image; a phrase whose boxes all fall outside is left out)."""
+    groups: dict[tuple, list[list[float]]] = {}
+    for box, spans in zip(record.boxes, record.tokens_positive or []):
+        key = tuple(tuple(span) for span in spans)
+        clipped = clipped_box(box, record.width, record.height)
+        if clipped is not None:
+            groups.setdefault(key, []).append(clipped)
+    caption = record.caption or ""
+    return [Phrase(start_id + number, [list(span) for span in key], " ".join(caption[s:e] for s, e in key), boxes)
+            for number, (key, boxes) in enumerate(groups.items())]
+
+
+def _evaluation_records(source: dict, index: int, split: str, check_images: bool):
+    """Check one evaluation source (``{"anno", "image_root", "name", "protocol"}``) and read its grounding file:
+    (protocol, name, path, [(record, image path, "file:line")]). Every image must exist (an evaluation split
+    scores every expression: a missing image is an error, not a skip)."""
     where = f"data.{split}[{index}]"
     _check_keys(source, EVAL_SOURCE_KEYS, where)
     path, image_root = Path(source["anno"]), Path(source["image_root"])
@@ -314,27 +358,59 @@ def load_expressions(source: dict, index: int, split: str, start_id: int, check_
     name = source.get("name")
     if name is not None and (not isinstance(name, str) or not name or "/" in name):
         raise ValueError(f"{where} ({path}): name must be a non-empty string without '/', got {name!r}")
+    protocol = source.get("protocol", "rec")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{where} ({path}): protocol must be one of {PROTOCOLS}, got {protocol!r}")
     odvg = read_odvg(path)
     if odvg.kind != "grounding":
-        raise ValueError(f"{where}: {path} holds detection records; REC evaluation reads a grounding (referring-expression) file")
-    report = SkipReport(str(path))
-    expressions: list[Expression] = []
-    checked: set[Path] = set()
+        raise ValueError(f"{where}: {path} holds detection records; REC and phrase-grounding evaluation read a "
+                         "grounding file")
+    found, checked = [], set()
     for record in odvg.records:
         image = image_root / record.filename
         if not image.is_file():
-            # an evaluation split scores every expression: a missing image is an error, not a skip
             raise FileNotFoundError(f"{path}:{record.line}: image not found: {image}")
         if check_images and image not in checked:
             check_image(image, (record.width, record.height), f"{path}:{record.line}")
             checked.add(image)
-        found = expressions_of(record, start_id + len(expressions), image, name, f"{path}:{record.line}")
-        if not found:
+        found.append((record, image, f"{path}:{record.line}"))
+    return protocol, name, path, found
+
+
+def load_expressions(source: dict, index: int, split: str, start_id: int, check_images: bool) -> tuple[list[Expression], SkipReport]:
+    """The expressions of one REC source (``{"anno", "image_root", "name"}``), ids from ``start_id``."""
+    _, name, path, found = _evaluation_records(source, index, split, check_images)
+    report = SkipReport(str(path))
+    expressions: list[Expression] = []
+    for record, image, where in found:
+        expressions_found = expressions_of(record, start_id + len(expressions), image, name, where)
+        if not expressions_found:
             report.add("record without a box", f"line {record.line}")
-        expressions.extend(found)
+        expressions.extend(expressions_found)
     if not expressions:
-        raise ValueError(f"{where}: {path} holds no expression with a box")
+        raise ValueError(f"data.{split}[{index}]: {path} holds no expression with a box")
     return expressions, report
+
+
+def load_sentences(source: dict, index: int, split: str, start_ids: tuple[int, int], check_images: bool) -> tuple[list[Sentence], SkipReport]:
+    """The sentences of one phrase-grounding source (``"protocol": "phrase"``): one per record, with its phrases;
+    sentence and phrase ids from ``start_ids``."""
+    _, name, path, found = _evaluation_records(source, index, split, check_images)
+    report = SkipReport(str(path))
+    sentences: list[Sentence] = []
+    next_phrase = start_ids[1]
+    for record, image, where in found:
+        phrases = phrases_of(record, next_phrase)
+        if not phrases:
+            report.add("record without a box", f"line {record.line}")
+            continue
+        next_phrase += len(phrases)
+        image_id = record.image_id if record.image_id is not None else record.filename
+        sentences.append(Sentence(start_ids[0] + len(sentences), image, record.width, record.height, image_id,
+                                  record.caption or "", phrases, name, where))
+    if not sentences:
+        raise ValueError(f"data.{split}[{index}]: {path} holds no phrase with a box")
+    return sentences, report
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -516,6 +592,54 @@ class ReferringExpressions(Dataset):
         return pixels.as_subclass(torch.Tensor), target
 
 
+class PhraseSentences(Dataset):
+    """Phrase-grounding evaluation samples, one per caption: ``(image (3, H, W) normalized, target)`` with target
+    ``sentence_id``, ``image_id``, ``text`` (the caption), ``split``, ``orig_size``, ``size``, ``input_ids`` (T,),
+    ``phrase_masks`` (P, max_text_len) bool (each phrase's tokens: those whose characters overlap its spans; a
+    phrase cut off by ``max_text_len`` has none and is scored 0, so it counts as missed), ``phrase_ids`` (P,),
+    ``phrases`` (P texts) and ``gt_boxes`` (P tensors (m, 4) xyxy original pixels)."""
+
+    def __init__(self, sentences: list[Sentence], text: TextEncoding, image_size: int, max_size: int):
+        self.sentences = sentences
+        self.text = text
+        self.transforms = detection_transforms(False, image_size, max_size)
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(dict.fromkeys(s.split for s in self.sentences if s.split is not None))
+
+    def __getitem__(self, index: int):
+        sentence = self.sentences[index]
+        tokenizer, max_text_len = self.text.require()
+        ids, offsets = encode_text(tokenizer, sentence.caption, max_text_len)
+        image = read_rgb_image(sentence.image, (sentence.width, sentence.height), sentence.where)
+        size = (sentence.height, sentence.width)
+        pixels = self.transforms({
+            "image": tv_tensors.Image(F.pil_to_tensor(image)),
+            "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
+        })["image"]
+        masks = torch.zeros(len(sentence.phrases), max_text_len, dtype=torch.bool)
+        for row, phrase in enumerate(sentence.phrases):
+            masks[row, list(span_tokens(offsets, phrase.spans))] = True
+        target = {
+            "sentence_id": sentence.sentence_id,
+            "image_id": sentence.image_id,
+            "text": sentence.caption,
+            "split": sentence.split,
+            "orig_size": torch.tensor(size),
+            "size": torch.tensor(list(pixels.shape[-2:])),
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "phrase_masks": masks,
+            "phrase_ids": torch.tensor([p.phrase_id for p in sentence.phrases], dtype=torch.long),
+            "phrases": [p.text for p in sentence.phrases],
+            "gt_boxes": [torch.tensor(p.gt_boxes, dtype=torch.float32).reshape(-1, 4) for p in sentence.phrases],
+        }
+        return pixels.as_subclass(torch.Tensor), target
+
+
 def _pad_texts(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(t["input_ids"]) for t in targets)
     input_ids = torch.zeros(len(targets), length, dtype=torch.long)  # [PAD] = 0
@@ -554,6 +678,18 @@ def collate_expressions(batch: list) -> dict:
     for target in targets:
         target.pop("input_ids")
     return dict(images, input_ids=input_ids, attention_mask=attention_mask, token_mask=token_mask, task="rec")
+
+
+def collate_phrases(batch: list) -> dict:
+    """Evaluation batch of captions: ``pixel_values``, ``pixel_mask``, ``input_ids`` (B, T), ``attention_mask``,
+    ``targets`` (``PhraseSentences``' targets less ``input_ids``; ``phrase_masks`` stay per caption) and
+    ``task: "phrase"``."""
+    images = collate_detection(batch)
+    targets = images["targets"]
+    input_ids, attention_mask = _pad_texts(targets)
+    for target in targets:
+        target.pop("input_ids")
+    return dict(images, input_ids=input_ids, attention_mask=attention_mask, task="phrase")
 
 
 # ------------------------------------------------------------------------------------------- the DataModule
@@ -668,14 +804,18 @@ class GroundingDataModule(L.LightningDataModule):
                 for split in ("train", "val", "test"):
                     write_synthetic_odvg(h.synthetic_root, split)
 
-    def sources(self, split: str) -> list[dict]:
-        """The ODVG sources of ``split`` (train: weighted; val / test: REC)."""
+    def sources(self, split: str, protocol: str | None = None) -> list[dict]:
+        """The ODVG sources of ``split`` (train: weighted; val / test: evaluation sources, only those of
+        ``protocol`` (``rec`` or ``phrase``) when given)."""
         h = self.hparams
         if h.format == "odvg":
-            return list({"train": h.train, "val": h.val, "test": h.test}[split] or [])
+            found = list({"train": h.train, "val": h.val, "test": h.test}[split] or [])
+            if protocol is None or split == "train":
+                return found
+            return [source for source in found if isinstance(source, dict) and source.get("protocol", "rec") == protocol]
         files = write_synthetic_odvg(h.synthetic_root, split)
         if split != "train":
-            return [{"anno": str(files.grounding), "image_root": str(files.image_root)}]
+            return [] if protocol == "phrase" else [{"anno": str(files.grounding), "image_root": str(files.image_root)}]
         weights = {"detection": 1.0, "grounding": 1.0, **(h.synthetic_weights or {})}
         return [
             {"anno": str(files.detection), "label_map": str(files.label_map), "image_root": str(files.image_root), "weight": weights["detection"]},
@@ -733,7 +873,8 @@ class GroundingDataModule(L.LightningDataModule):
         """The training set (``train``) or the REC set of ``split`` (built on first use)."""
         if split in self.datasets:
             return self.datasets[split]
-        sources = self.sources(split)
+        self._check_protocols(split)
+        sources = self.sources(split, None if split == "train" else "rec")
         if not sources:
             raise ValueError(f"no {split} data: set data.{split} (or format: synthetic)")
         if split == "train":
@@ -747,12 +888,50 @@ class GroundingDataModule(L.LightningDataModule):
             self.datasets[split] = GroundingTrainingSet(loaded, self.text, self._settings(), self.hparams.seed, self.hparams.max_negatives)
         else:
             expressions: list[Expression] = []
-            for index, source in enumerate(sources):
+            for index, source in self._indexed(split, "rec"):
                 found, report = load_expressions(source, index, split, len(expressions), self._check(False))
                 report.log()
                 expressions.extend(found)
             self.datasets[split] = ReferringExpressions(expressions, self.text, self.hparams.image_size, self.hparams.max_size)
         return self.datasets[split]
+
+    def _check_protocols(self, split: str) -> None:
+        """Every evaluation source of ``split`` names a known protocol (before any file is read)."""
+        if split == "train":
+            return
+        for index, source in enumerate(self.sources(split)):
+            _check_keys(source, EVAL_SOURCE_KEYS, f"data.{split}[{index}]")
+            protocol = source.get("protocol", "rec")
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"data.{split}[{index}] ({source['anno']}): protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+    def _indexed(self, split: str, protocol: str) -> list[tuple[int, dict]]:
+        """(position in data.<split>, source) of the sources of ``protocol`` (errors name the position given)."""
+        return [(index, source) for index, source in enumerate(self.sources(split))
+                if source.get("protocol", "rec") == protocol]
+
+    def phrase_set(self, split: str) -> PhraseSentences | None:
+        """The phrase-grounding set of ``split`` (its ``"protocol": "phrase"`` sources), or None without one."""
+        key = f"{split}:phrase"
+        if key not in self.datasets:
+            self._check_protocols(split)
+            if not self.sources(split, "phrase"):
+                return None
+            sentences: list[Sentence] = []
+            phrases = 0
+            for index, source in self._indexed(split, "phrase"):
+                found, report = load_sentences(source, index, split, (len(sentences), phrases), self._check(False))
+                report.log()
+                sentences.extend(found)
+                phrases += sum(len(sentence.phrases) for sentence in found)
+            log.info("%s phrase grounding: %d captions, %d phrases", split, len(sentences), phrases)
+            self.datasets[key] = PhraseSentences(sentences, self.text, self.hparams.image_size, self.hparams.max_size)
+        return self.datasets[key]
+
+    def phrase_split_names(self, split: str) -> list[str]:
+        """The split names of ``split``'s phrase-grounding sources (for per-split recall), in order."""
+        dataset = self.phrase_set(split)
+        return [] if dataset is None else dataset.split_names
 
     def detection_set(self, split: str) -> CocoDetection | None:
         """The COCO detection set of ``split``'s box-AP evaluation, or None."""
@@ -783,9 +962,10 @@ class GroundingDataModule(L.LightningDataModule):
             self.prepare_data()  # a no-op when present; under DDP every rank finds the files rank 0 wrote
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [self.hparams.split], "predict": [self.hparams.split]}
         for split in wanted.get(stage, ["train", "val", "test"]):
-            if self.sources(split):
+            if self.sources(split, None if split == "train" else "rec"):
                 self.dataset(split)
             if split != "train":
+                self.phrase_set(split)
                 self.detection_set(split)
 
     # ------------------------------------------------------------------------------------ loaders
@@ -815,11 +995,16 @@ class GroundingDataModule(L.LightningDataModule):
         self._resolve_text()
         h = self.hparams
         loaders = []
-        if self.sources(split):
+        if self.sources(split, "rec"):
             dataset = self.dataset(split)
             loaders.append(DataLoader(dataset, batch_size=h.eval_batch_size or h.batch_size, shuffle=False,
                                       sampler=evaluation_sampler(dataset), num_workers=h.num_workers,
                                       collate_fn=collate_expressions, persistent_workers=h.num_workers > 0))
+        phrases = self.phrase_set(split)
+        if phrases is not None:
+            loaders.append(DataLoader(phrases, batch_size=h.eval_batch_size or h.batch_size, shuffle=False,
+                                      sampler=evaluation_sampler(phrases), num_workers=h.num_workers,
+                                      collate_fn=collate_phrases, persistent_workers=h.num_workers > 0))
         detection = self.detection_set(split)
         if detection is not None:
             loaders.append(DataLoader(detection, batch_size=h.eval_batch_size or h.batch_size, shuffle=False,

@@ -35,6 +35,7 @@ from torchvision.ops import box_convert
 
 from grounding.lightning.image_module import LOGGED_TERMS, ImageGroundingModule
 from grounding.metrics.coco_eval import CocoBoxMetric
+from grounding.metrics.phrase_grounding import PhraseGroundingRecall
 from grounding.metrics.rec import ReferringExpressionAccuracy, ranking
 from grounding.models.adaptive_masking import MaskingConfig
 from grounding.models.denoising import DenoisingConfig, denoising_training
@@ -121,7 +122,8 @@ class GroundingModule(ImageGroundingModule):
             proposal_loss=proposal_loss, denoising=denoising,
         )
         self.rec_metrics = torch.nn.ModuleDict()  # split -> ReferringExpressionAccuracy, made in setup
-        self.rec_records: dict[str, list[dict]] = {}
+        self.phrase_metrics = torch.nn.ModuleDict()  # split -> PhraseGroundingRecall, made in setup
+        self.rec_records: dict[str, list[dict]] = {}  # "<split>" (REC) / "<split>:phrase" -> records of this process
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -137,8 +139,10 @@ class GroundingModule(ImageGroundingModule):
         splits = {"fit": ["val"], "validate": ["val"], "test": ["test"], "predict": []}.get(stage, ["val", "test"])
         for split in splits:
             source = "val" if split == "val" else datamodule.evaluation_split
-            if datamodule.sources(source):
+            if datamodule.sources(source, "rec"):
                 self.rec_metrics[split] = ReferringExpressionAccuracy(splits=datamodule.rec_split_names(source))
+            if datamodule.sources(source, "phrase"):
+                self.phrase_metrics[split] = PhraseGroundingRecall(phrase_types=datamodule.phrase_split_names(source))
             truth = datamodule.ground_truth(source)
             if truth is not None:
                 self.metrics[split] = CocoBoxMetric(truth)
@@ -229,9 +233,57 @@ class GroundingModule(ImageGroundingModule):
             self._log_expression(batch, ranked[0], split)
         return records
 
+    @torch.no_grad()
+    def locate_phrases(self, batch: dict) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per caption of a phrase batch, per phrase, its ranked boxes (``rec_predictions`` with the phrase's
+        tokens as the token mask): the model runs once per caption, every phrase is scored in it."""
+        outputs = self.detector(
+            pixel_values=batch["pixel_values"],
+            pixel_mask=batch["pixel_mask"],
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+        )
+        results = []
+        for i, target in enumerate(batch["targets"]):
+            masks = target["phrase_masks"].to(self.device)
+            count = masks.shape[0]
+            results.append(rec_predictions(
+                outputs.logits[i:i + 1].expand(count, -1, -1), outputs.pred_boxes[i:i + 1].expand(count, -1, -1), masks,
+                target["orig_size"].reshape(1, 2).expand(count, 2), self.hparams.rec_top_k, self.hparams.rec_score,
+            ))
+        return results
+
+    def _phrase_step(self, batch: dict, batch_idx: int, split: str) -> list[dict]:
+        targets = batch["targets"]
+        self._check_batch(batch["pixel_values"], targets)
+        metric = self.phrase_metrics[split] if split in self.phrase_metrics else None
+        records = []
+        for target, ranked in zip(targets, self.locate_phrases(batch)):
+            boxes, scores = [b for b, _ in ranked], [s for _, s in ranked]
+            if metric is not None:
+                names = None if target["split"] is None else [[target["split"]]] * len(ranked)
+                metric.update(boxes, scores, target["gt_boxes"], names)
+            for phrase_id, phrase, phrase_boxes, phrase_scores, gt in zip(
+                    target["phrase_ids"].tolist(), target["phrases"], boxes, scores, target["gt_boxes"]):
+                records.append({
+                    "phrase_id": int(phrase_id),
+                    "sentence_id": int(target["sentence_id"]),
+                    "image_id": target["image_id"],
+                    "text": target["text"],
+                    "phrase": phrase,
+                    "split": target["split"],
+                    "boxes": [[round(v, 2) for v in box] for box in phrase_boxes.tolist()],
+                    "scores": [round(v, 5) for v in phrase_scores.tolist()],
+                    "gt_boxes": gt.tolist(),
+                })
+        self.rec_records.setdefault(f"{split}:phrase", []).extend(records)
+        return records
+
     def _step(self, batch: dict, batch_idx: int, split: str):
         if batch.get("task") == "rec":
             return self._rec_step(batch, batch_idx, split)
+        if batch.get("task") == "phrase":
+            return self._phrase_step(batch, batch_idx, split)
         return self._evaluation_step(batch, batch_idx, split)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -242,49 +294,62 @@ class GroundingModule(ImageGroundingModule):
 
     def predict_step(self, batch: dict | list[dict], batch_idx: int, dataloader_idx: int = 0):
         """A REC batch: its ranked boxes per expression; otherwise the parent's (COCO batch, user images)."""
-        if isinstance(batch, dict) and batch.get("task") == "rec":
-            records = self._rec_step(batch, batch_idx, "predict")
+        if isinstance(batch, dict) and batch.get("task") in ("rec", "phrase"):
+            records = self._step(batch, batch_idx, "predict")
             self.rec_records.pop("predict", None)
+            self.rec_records.pop("predict:phrase", None)
             return records
         return super().predict_step(batch, batch_idx)
 
-    def _gathered(self, records: list[dict]) -> list[dict]:
-        """Every process's records (each expression is evaluated on one process), sorted by expression id."""
+    def _gathered(self, records: list[dict], key: str = "expression_id") -> list[dict]:
+        """Every process's records (each expression is evaluated on one process), sorted by ``key``."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             shares: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(shares, records)
             records = [record for share in shares for record in share]
-        return sorted(records, key=lambda record: record["expression_id"])
+        return sorted(records, key=lambda record: record[key])
 
-    def _finish_rec(self, split: str) -> None:
-        if split not in self.rec_metrics:
+    def _finish_rec(self, split: str, protocol: str = "rec") -> None:
+        """Log ``split``'s REC accuracy (``protocol="rec"``: ``<split>/rec_acc@k``) or phrase-grounding recall
+        (``"phrase"``: ``<split>/phrase_R@k``), per named split too, and write every process's records to
+        ``RUN/predictions/<protocol>_<source>[_epochNNN | _stepNNNNNN].json`` (atomically, on rank 0)."""
+        metrics = self.rec_metrics if protocol == "rec" else self.phrase_metrics
+        if split not in metrics:
             return
-        metric = self.rec_metrics[split]
+        metric = metrics[split]
         values = {name: float(value) for name, value in metric.compute().items()}  # summed over processes
+        prefix = "rec_" if protocol == "rec" else "phrase_"
         for name, value in values.items():
             group, _, statistic = name.rpartition("/")
-            self.log(f"{split}/{group + '/' if group else ''}rec_{statistic}", value)
-        records = self._gathered(self.rec_records.pop(split, []))
+            self.log(f"{split}/{group + '/' if group else ''}{prefix}{statistic}", value)
+        key = "expression_id" if protocol == "rec" else "phrase_id"
+        records = self._gathered(self.rec_records.pop(split if protocol == "rec" else f"{split}:phrase", []), key)
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             source = self.trainer.datamodule.evaluation_split if split == "test" else split
             if split == "val" and self.trainer.state.fn == "fit":
-                name = f"rec_{source}_epoch{self.current_epoch:03d}.json"
+                name = f"{protocol}_{source}_epoch{self.current_epoch:03d}.json"
             elif split == "val":
-                name = f"rec_{source}_step{self.global_step:06d}.json"
+                name = f"{protocol}_{source}_step{self.global_step:06d}.json"
             else:
-                name = f"rec_{source}.json"
+                name = f"{protocol}_{source}.json"
             write_json_atomic(Path(log_dir) / "predictions" / name, records)
-        log.info("%s: %d expressions, REC acc@1 %.4f acc@5 %.4f acc@10 %.4f", split, int(values.get("count", 0)),
-                 values.get("acc@1", float("nan")), values.get("acc@5", float("nan")), values.get("acc@10", float("nan")))
+        if protocol == "rec":
+            log.info("%s: %d expressions, REC acc@1 %.4f acc@5 %.4f acc@10 %.4f", split, int(values.get("count", 0)),
+                     values.get("acc@1", float("nan")), values.get("acc@5", float("nan")), values.get("acc@10", float("nan")))
+        else:
+            log.info("%s: %d phrases, phrase grounding R@1 %.4f R@5 %.4f R@10 %.4f", split, int(values.get("count", 0)),
+                     values.get("R@1", float("nan")), values.get("R@5", float("nan")), values.get("R@10", float("nan")))
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._finish_rec("val")
+        self._finish_rec("val", "phrase")
         self._finish_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
         self._finish_rec("test")
+        self._finish_rec("test", "phrase")
         self._finish_evaluation("test")
 
     # ----------------------------------------------------------------------------------------- logging
