@@ -8,6 +8,16 @@ point at unknown images or categories; categories with an empty name, or two cat
 name (a prompt would hold the name twice and the model could not tell them apart). Every error names
 the file and the offending id.
 
+LVIS v1 files are COCO instances files with more keys, read by the same function. Their images have no
+``file_name`` but a ``coco_url`` ("http://images.cocodataset.org/val2017/000000397133.jpg"; LVIS val holds
+COCO train2017 and val2017 images): the image's path is then the last two components of that URL
+("val2017/000000397133.jpg"), relative to the folder holding train2017/ and val2017/, as mmdetection's
+``LVISV1Dataset`` resolves it; a ``file_name``, where a file has one (MDETR's minival), is used as it is.
+A file whose categories carry ``frequency`` is an LVIS file: its names are written with underscores
+("aerosol_can", "bow_(weapon)") and are read with spaces instead ("aerosol can", "bow (weapon)"), the words
+the prompt should hold. LVIS annotations have no ``iscrowd`` (0). ``lvis_ground_truth(coco_file,
+annotation_ids, image_ids)`` checks the keys LVIS's federated evaluation needs and gives its ground truth.
+
 What is done with the boxes and masks (skipped, clipped, decoded) is the business of the readers built
 on top: ``grounding.data.coco`` (detection) and ``grounding.data.region_readers`` (regions).
 ``ground_truth(coco_file, annotation_ids, image_ids)`` gives pycocotools the ground truth a loader kept.
@@ -32,7 +42,8 @@ _CACHE_SIZE = 8
 class CocoFile:
     """A validated COCO instances file.
 
-    images: id -> image entry (``file_name``, ``width``, ``height``, ...), in file order.
+    images: id -> image entry (``file_name``, ``width``, ``height``, ...), in file order; an LVIS image
+        without ``file_name`` gets the one its ``coco_url`` gives (a copy of the entry: the file's is kept).
     annotations: the annotation entries, in file order (ids, image and category ids validated).
     categories: id -> cleaned name (lower case, single spaces), in file order.
     category_entries: the category entries as in the file (for pycocotools).
@@ -43,6 +54,7 @@ class CocoFile:
     annotations: list[dict]
     categories: dict[int, str]
     category_entries: list[dict]
+    lvis: bool = False  # the categories carry LVIS's ``frequency``
 
     def annotations_by_image(self) -> dict[int, list[dict]]:
         """image id -> its annotations (every image present, possibly with an empty list)."""
@@ -88,13 +100,34 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def _image_file_name(image: dict, where: str) -> str:
+    """The image's path under the image folder: its ``file_name``, or the last two components of LVIS's
+    ``coco_url`` (".../val2017/000000397133.jpg" -> "val2017/000000397133.jpg")."""
+    file_name = image.get("file_name")
+    if isinstance(file_name, str) and file_name:
+        return file_name
+    url = image.get("coco_url")
+    if file_name is None and url is None:
+        raise ValueError(f"{where} has no file_name (nor an LVIS coco_url to take the path from)")
+    if file_name is not None or not isinstance(url, str):
+        raise ValueError(f"{where} has no usable file name (file_name {file_name!r}, coco_url {url!r})")
+    parts = [part for part in url.split("?")[0].split("/") if part]
+    if len(parts) < 2 or "." not in parts[-1] or parts[-2].endswith(":"):
+        raise ValueError(f"{where} has coco_url {url!r}, which does not end in <folder>/<image file>")
+    return f"{parts[-2]}/{parts[-1]}"
+
+
 def _validate(data: dict, path: Path) -> CocoFile:
     _unique_ids(data["categories"], "category", path)
+    lvis = bool(data["categories"]) and all(isinstance(entry, dict) and "frequency" in entry for entry in data["categories"])
     categories: dict[int, str] = {}
     by_name: dict[str, int] = {}
     for entry in data["categories"]:
+        raw = entry.get("name")
+        if lvis and isinstance(raw, str):
+            raw = raw.replace("_", " ")  # LVIS writes "aerosol_can": the prompt should read "aerosol can"
         try:
-            name = clean_category_name(entry["id"], entry.get("name"))
+            name = clean_category_name(entry["id"], raw)
         except ValueError as error:
             raise ValueError(f"annotation file {path}: {error}") from None
         if name in by_name:
@@ -109,13 +142,12 @@ def _validate(data: dict, path: Path) -> CocoFile:
     images: dict[int, dict] = {}
     for image in data["images"]:
         where = f"annotation file {path}: image id {image['id']}"
-        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            raise ValueError(f"{where} has no file_name")
+        file_name = _image_file_name(image, where)
         for key in ("width", "height"):
             value = image.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or int(value) != value:
                 raise ValueError(f"{where} has {key} {value!r}; expected a positive integer")
-        images[image["id"]] = image
+        images[image["id"]] = image if image.get("file_name") == file_name else {**image, "file_name": file_name}
 
     _unique_ids(data["annotations"], "annotation", path)
     for annotation in data["annotations"]:
@@ -129,7 +161,7 @@ def _validate(data: dict, path: Path) -> CocoFile:
             raise ValueError(
                 f"annotation file {path}: annotation id {annotation_id} refers to unknown image id {annotation.get('image_id')!r}"
             )
-    return CocoFile(path, images, list(data["annotations"]), categories, list(data["categories"]))
+    return CocoFile(path, images, list(data["annotations"]), categories, list(data["categories"]), lvis)
 
 
 def read_coco(path: str | Path) -> CocoFile:
@@ -182,3 +214,45 @@ def ground_truth(coco_file: CocoFile, annotation_ids: set[int], image_ids: list[
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+#: LVIS's category frequency groups: rare (1-10 training images), common (11-100), frequent (> 100)
+LVIS_FREQUENCIES = ("r", "c", "f")
+
+
+def lvis_ground_truth(coco_file: CocoFile, annotation_ids: set[int], image_ids: list[int]) -> dict:
+    """The LVIS-format ground truth of exactly ``image_ids`` and the annotations ``annotation_ids`` of the file
+    (what ``lvis.LVIS`` indexes and ``grounding.metrics.lvis_eval`` takes), after checking what LVIS's
+    federated evaluation reads: every image's ``neg_category_ids`` and ``not_exhaustive_category_ids``
+    (lists of category ids), every category's ``frequency`` (r, c or f). An error names the file and the id.
+
+    Annotations keep ``id``, ``image_id``, ``category_id``, ``bbox`` and ``area`` (the box's when absent):
+    box evaluation reads nothing else, and the segmentations of a whole LVIS split are large.
+    """
+    path = coco_file.path
+    for entry in coco_file.category_entries:
+        if entry.get("frequency") not in LVIS_FREQUENCIES:
+            raise ValueError(
+                f"annotation file {path}: category id {entry['id']} has frequency {entry.get('frequency')!r}; LVIS"
+                f" evaluation needs one of {LVIS_FREQUENCIES} for every category (is this an LVIS file? data.evaluator=coco"
+                " evaluates a COCO one)"
+            )
+    chosen = set(image_ids)
+    images = []
+    for image_id in image_ids:
+        image = coco_file.images[image_id]
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            value = image.get(key)
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(
+                    f"annotation file {path}: image id {image_id} has {key} {value!r:.80}; LVIS evaluation needs a list of"
+                    " category ids (is this an LVIS file? data.evaluator=coco evaluates a COCO one)"
+                )
+        images.append(image)
+    annotations = []
+    for annotation in coco_file.annotations:
+        if annotation["id"] in annotation_ids and annotation["image_id"] in chosen:
+            x, y, w, h = annotation["bbox"]
+            area = annotation.get("area", float(w * h))
+            annotations.append({key: annotation[key] for key in ("id", "image_id", "category_id", "bbox")} | {"area": area})
+    return {"images": images, "annotations": annotations, "categories": coco_file.category_entries}

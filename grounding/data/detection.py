@@ -2,7 +2,9 @@
 
 Point it at any COCO instances files and image folders, or at ``synthetic_root``: the synthetic dataset
 (``grounding.data.synthetic``) is generated there when absent and its train/val/test splits are used
-for whatever paths are not given explicitly. The files are read by ``grounding.data.coco``.
+for whatever paths are not given explicitly. The files are read by ``grounding.data.coco``; LVIS v1 files
+are read the same way (``grounding.data.coco_file``: an image's path from its ``coco_url``), and
+``evaluator: lvis`` has them scored by LVIS Fixed AP instead of COCOeval (docs/image.md "LVIS").
 
 A training image that turns out unreadable in the middle of an epoch (cut short, not an image, another
 size than the file says) is skipped and counted, like the readers' other skips: the dataset returns an
@@ -15,6 +17,7 @@ never skip: every image they hold is scored (``check_images`` reads them up fron
 from __future__ import annotations
 
 from typing import Literal
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -24,15 +27,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from grounding.data.coco import INVALID_BOXES, CocoDetection, collate_detection, detection_transforms
-from grounding.data.coco_file import ground_truth, read_categories, read_coco
+from grounding.data.coco_file import ground_truth, lvis_ground_truth, read_categories, read_coco
 from grounding.data.sampling import EpochSampler, ResumableDataLoader, evaluation_sampler
 from grounding.data.skips import UnreadableImages
 from grounding.data.synthetic import prepare_synthetic
+from grounding.metrics.lvis_eval import LVIS_MISSING
 from grounding.utils import write_atomic
 
 log = logging.getLogger(__name__)
 
 CHECK_IMAGES = ("none", "eval", "all")
+#: how the evaluation splits are scored: COCOeval box AP, or LVIS Fixed AP (an LVIS annotation file)
+EVALUATORS = ("coco", "lvis")
 
 
 class CocoDetectionDataModule(L.LightningDataModule):
@@ -60,6 +66,10 @@ class CocoDetectionDataModule(L.LightningDataModule):
         max_bad_images: training images that may turn out unreadable during the run (each skipped, counted
             and logged; see the module docstring); one more stops the run with an error listing them. 0:
             the first one stops it.
+        evaluator: how the val / test splits are scored. ``coco``: COCOeval box AP (AP, AP50, ..., AR100, ...).
+            ``lvis``: LVIS box Fixed AP (AP, AP50, AP75, APs, APm, APl, APr, APc, APf), for LVIS v1 annotation
+            files (their images' ``neg_category_ids`` and ``not_exhaustive_category_ids``, their categories'
+            ``frequency``); needs the optional ``lvis`` package.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
         check_images: Literal["none", "eval", "all"] = "eval",
         seed: int = 0,
         max_bad_images: int = 10,
+        evaluator: Literal["coco", "lvis"] = "coco",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +117,13 @@ class CocoDetectionDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         if isinstance(max_bad_images, bool) or not isinstance(max_bad_images, int) or max_bad_images < 0:
             raise ValueError(f"data.max_bad_images must be an integer >= 0, got {max_bad_images!r}")
+        if evaluator not in EVALUATORS:
+            raise ValueError(
+                f"data.evaluator must be 'coco' (COCOeval box AP) or 'lvis' (LVIS Fixed AP of an LVIS annotation file),"
+                f" got {evaluator!r}"
+            )
+        if evaluator == "lvis" and importlib.util.find_spec("lvis") is None:
+            raise ImportError(f"data.evaluator=lvis: {LVIS_MISSING}")
         if max_size is not None and max_size <= max([image_size] + list(train_scales or [])):
             raise ValueError(f"max_size={max_size} must be greater than image_size and every train_scale ({image_size}, {train_scales})")
         self.paths = {
@@ -180,7 +198,24 @@ class CocoDetectionDataModule(L.LightningDataModule):
         if not self.paths[split][0] or not Path(self.paths[split][0]).exists():
             return None
         dataset = self._dataset(split)
-        return ground_truth(read_coco(dataset.annotation_file), dataset.annotation_ids, dataset.image_ids)
+        coco_file = read_coco(dataset.annotation_file)
+        if coco_file.lvis and split != "train":  # COCOeval would count every unannotated category of an image as absent from it
+            log.warning("%s is an LVIS file scored by COCOeval; --data.evaluator lvis scores it by LVIS's rules (Fixed AP)",
+                        dataset.annotation_file)
+        return ground_truth(coco_file, dataset.annotation_ids, dataset.image_ids)
+
+    def lvis_ground_truth(self, split: str) -> dict | None:
+        """LVIS-format ground truth (a dict, ``grounding.data.coco_file.lvis_ground_truth``) of the images and
+        annotations the loader kept in ``split`` (None if no file); an error names what an LVIS file lacks."""
+        if not self.paths[split][0] or not Path(self.paths[split][0]).exists():
+            return None
+        dataset = self._dataset(split)
+        return lvis_ground_truth(read_coco(dataset.annotation_file), dataset.annotation_ids, dataset.image_ids)
+
+    @property
+    def evaluator(self) -> str:
+        """``coco`` or ``lvis``: the metric of the val / test splits (``ImageGroundingModule`` builds it)."""
+        return self.hparams.evaluator
 
     @property
     def smallest_side(self) -> int:

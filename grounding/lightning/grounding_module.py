@@ -34,7 +34,6 @@ import torch
 from torchvision.ops import box_convert
 
 from grounding.lightning.image_module import LOGGED_TERMS, ImageGroundingModule
-from grounding.metrics.coco_eval import CocoBoxMetric
 from grounding.metrics.phrase_grounding import PhraseGroundingRecall
 from grounding.metrics.rec import ReferringExpressionAccuracy, ranking
 from grounding.models.adaptive_masking import MaskingConfig
@@ -143,9 +142,9 @@ class GroundingModule(ImageGroundingModule):
                 self.rec_metrics[split] = ReferringExpressionAccuracy(splits=datamodule.rec_split_names(source))
             if datamodule.sources(source, "phrase"):
                 self.phrase_metrics[split] = PhraseGroundingRecall(phrase_types=datamodule.phrase_split_names(source))
-            truth = datamodule.ground_truth(source)
-            if truth is not None:
-                self.metrics[split] = CocoBoxMetric(truth)
+            metric = self.box_metric(datamodule, source)
+            if metric is not None:
+                self.metrics[split] = metric
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:

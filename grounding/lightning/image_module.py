@@ -7,7 +7,8 @@ Training runs the detector with transformers' own loss while ``feature_masking``
 input maps; the schedule's progress p = global step / total steps comes from the Trainer. Validation,
 test and predict never mask. Evaluation scores every (query, category) pair (mean token probability of
 the category's phrase), keeps the top ``num_detections`` per image across all prompts, and reports COCO
-box AP through pycocotools on the original annotation file; detections are exported as COCO results
+box AP through pycocotools on the original annotation file, or, with the data setting ``evaluator: lvis``,
+LVIS box Fixed AP (``grounding.metrics.lvis_eval``); the evaluated detections are exported as a results
 JSON in the run folder.
 """
 
@@ -27,6 +28,7 @@ from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
 from grounding.data.prompts import Prompt, build_prompts, category_scores
 from grounding.lightning.guards import NonFiniteGuard
 from grounding.metrics.coco_eval import CocoBoxMetric
+from grounding.metrics.lvis_eval import LvisFixedAPMetric
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig
 from grounding.models.denoising import ContrastiveDenoising, DenoisingConfig, denoising_training
 from grounding.models.grounding_dino import (
@@ -64,7 +66,10 @@ class ImageGroundingModule(L.LightningModule):
         lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs (``lr_schedule: step``).
         lr_schedule: ``step`` (the paper's step decay; constant without ``lr_drop_epochs``) or ``cosine``
             (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).
-        num_detections: detections kept per image at evaluation (top (query, category) pairs).
+        num_detections: detections kept per image at evaluation (top (query, category) pairs). LVIS Fixed AP
+            has no per-image limit of its own, only 10,000 per category over the split: 300 (mmdetection's
+            LVIS evaluation of Grounding DINO) keeps an image's detections over all 1,203 categories' prompts;
+            raise it to cut fewer.
         log_images: TensorBoard pictures: ground truth | predictions of the first validation image, and the
             masks of each level over the first training image of every epoch.
         log_score_threshold: predictions drawn in the picture have at least this score.
@@ -141,7 +146,7 @@ class ImageGroundingModule(L.LightningModule):
             self.denoising = ContrastiveDenoising(self.denoising_config, config.d_model, config.max_text_len)
         self.prompts: list[Prompt] = []
         self.categories: dict[int, str] = {}
-        self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric, made in setup from the datamodule
+        self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric or LvisFixedAPMetric, made in setup from the datamodule
 
     # ----------------------------------------------------------------------------------------- set-up
     def set_categories(self, categories: dict[int, str]) -> None:
@@ -171,9 +176,20 @@ class ImageGroundingModule(L.LightningModule):
         splits = {"fit": ["val"], "validate": ["val"], "test": ["test"], "predict": []}.get(stage, ["val", "test"])
         for split in splits:
             source = "val" if split == "val" else datamodule.evaluation_split
-            truth = datamodule.ground_truth(source)
-            if truth is not None:
-                self.metrics[split] = CocoBoxMetric(truth)
+            metric = self.box_metric(datamodule, source)
+            if metric is not None:
+                self.metrics[split] = metric
+
+    @staticmethod
+    def box_metric(datamodule, source: str) -> CocoBoxMetric | LvisFixedAPMetric | None:
+        """The box metric of the datamodule's split ``source`` (None without its annotation file): COCOeval box
+        AP, or LVIS Fixed AP when the datamodule's ``evaluator`` is ``lvis``; both on the ground truth the
+        loader kept."""
+        if getattr(datamodule, "evaluator", "coco") == "lvis":
+            truth = datamodule.lvis_ground_truth(source)
+            return None if truth is None else LvisFixedAPMetric(truth)  # 10,000 detections per category
+        truth = datamodule.ground_truth(source)
+        return None if truth is None else CocoBoxMetric(truth)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -365,23 +381,26 @@ class ImageGroundingModule(L.LightningModule):
         if split not in self.metrics:
             return
         metric = self.metrics[split]
-        values = metric.compute()  # COCOeval on rank 0; the same values on every rank (NaN where undefined)
+        # COCOeval or LVISEval on rank 0; the same values on every rank (NaN where undefined)
+        values = metric.compute()
         for name, value in values.items():
             self.log(f"{split}/{name}", value)
-        image_ids, results = metric.last_results
+        image_ids, results = metric.last_results  # LVIS: the detections left by the cap per category, as evaluated
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             folder = Path(log_dir) / "predictions"
             source = self.trainer.datamodule.evaluation_split if split == "test" else split
+            prefix = "lvis_" if isinstance(metric, LvisFixedAPMetric) else ""
             fn = self.trainer.state.fn
             if split == "val" and fn == "fit":
-                name = f"{source}_epoch{self.current_epoch:03d}.json"
+                name = f"{prefix}{source}_epoch{self.current_epoch:03d}.json"
             elif split == "val":  # a validation outside fit (before or after it): named by the weights' step
-                name = f"{source}_step{self.global_step:06d}.json"
+                name = f"{prefix}{source}_step{self.global_step:06d}.json"
             else:
-                name = f"{source}.json"
+                name = f"{prefix}{source}.json"
             write_json_atomic(folder / name, results)
-        log.info("%s: %d images, %d detections, AP %.4f AP50 %.4f", split, len(image_ids), len(results), values["AP"], values["AP50"])
+        shown = " ".join(f"{name} {float(values[name]):.4f}" for name in ("AP", "AP50", "APr", "APc", "APf") if name in values)
+        log.info("%s: %d images, %d detections, %s", split, len(image_ids), len(results), shown)
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
