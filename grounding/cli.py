@@ -399,6 +399,17 @@ def _same_class(class_path: str, cls: type) -> bool:
         return class_path.rsplit(".", 1)[-1] == cls.__name__
 
 
+def _parent_class(class_path: str, cls: type) -> bool:
+    """Whether ``class_path`` names a parent class of ``cls``: its weights are the parent's (an
+    ``ImageGroundingModule`` checkpoint evaluated by ``GroundingModule`` on referring expressions); a subclass
+    with weights of its own is refused by Lightning's strict loading, naming the missing keys."""
+    try:
+        held = _import(class_path)
+    except Exception:  # noqa: BLE001 - not importable: not a parent
+        return False
+    return isinstance(held, type) and held is not cls and issubclass(cls, held)
+
+
 def checkpoint_problem(ckpt_path: str | None, cls: type) -> str | None:
     """Why ``--ckpt_path`` does not fit the LightningModule class ``cls``, or None: also a file that holds
     objects the safe loader refuses (``grounding.checkpoints``), found before anything of it is unpickled."""
@@ -412,7 +423,7 @@ def checkpoint_problem(ckpt_path: str | None, cls: type) -> str | None:
         held = saved_class_path(ckpt_path)
     except UnsafeCheckpointError as error:
         return f"--ckpt_path {error}"
-    if held is None or _same_class(held, cls):
+    if held is None or _same_class(held, cls) or _parent_class(held, cls):
         return None
     return (f"--ckpt_path {ckpt_path} is a checkpoint of {held.rsplit('.', 1)[-1]} ({held}), but the config builds "
             f"{cls.__name__} ({_class_path(cls)}): give the config it was trained with (RUN/config.yaml)")

@@ -209,3 +209,86 @@ def test_tiny_run_with_coco_prints_the_table_of_its_json(synthetic_root, tmp_pat
             (float(rows["Aquarium"][column]) + float(rows["pothole"][column])) / 2, abs=0.006)
     assert [rows[r][2] for r in rows] == ["", "", "51.4 [1]; 25.1 [2]", "48.4 [1]"]
     assert (tmp_path / "runs" / "COCO").is_dir()
+
+
+# ------------------------------------------------------------------------------ ODinW-35 and the split setting
+#: the datasets GLIP evaluates on mini_val (configs/odinw_35: TEST ("minival",)); mmdetection reads valid for all
+GLIP_MINI_VAL = {"brackishUnderwater", "DroneControl", "EgoHands_generic", "EgoHands_specific", "openPoetryVision",
+                 "OxfordPets_by_breed", "OxfordPets_by_species", "PKLot", "UnoCards", "VehiclesOpenImages",
+                 "websiteScreenshots"}
+
+
+def test_odinw35_lists_the_35_datasets_of_the_release():
+    suite = odinw.ODINW35_DATASETS
+    assert len(suite) == 35 and len(set(odinw.ODINW35_NAMES)) == 35
+    assert {d.name for d in suite if d.glip_mini_val} == GLIP_MINI_VAL
+    assert {d.name for d in odinw.ODINW13_DATASETS if d.glip_mini_val} == {"EgoHands", "VehiclesOpenImages"}
+    valid_files = {d.files("valid") for d in suite}
+    assert all(d.files("valid") in valid_files for d in odinw.ODINW13_DATASETS)  # ODinW-13 is part of ODinW-35
+    by_name = {d.name: d for d in suite}
+    assert by_name["boggleBoards"].files("mini_val") == (
+        "boggleBoards/416x416AutoOrient/export/val_annotations_without_background.json", "boggleBoards/416x416AutoOrient/export")
+    assert by_name["EgoHands_specific"].files("mini_val") == (
+        "EgoHands/specific/mini_val/annotations_without_background.json", "EgoHands/specific/mini_val")
+    assert by_name["EgoHands_specific"].files("valid") == (
+        "EgoHands/specific/valid/annotations_without_background.json", "EgoHands/specific/valid")
+    assert by_name["DroneControl"].files("mini_val")[1] == "DroneControl/Drone Control.v3-raw.coco/mini_val"
+    assert all(d.files("valid")[0].endswith("annotations_without_background.json") for d in suite)
+
+
+def _both_splits(root, suite, names):
+    """Annotation files (content unused) of both split variants of the named datasets of ``suite``."""
+    for dataset in odinw.SUITE_DATASETS[suite]:
+        if dataset.name in names:
+            for variant in odinw.SPLIT_VARIANTS:
+                path = root / dataset.files(variant)[0]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}")
+
+
+def test_the_split_variant_chooses_mini_val_or_valid(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "odinw"
+    _both_splits(root, "odinw13", ["EgoHands", "Aquarium"])
+    for variant, folder in (("valid", "valid"), ("mini_val", "mini_val")):
+        calls = _fake_evaluate(monkeypatch, {"Aquarium": (0.3, 0.5), "EgoHands": (0.6, 0.8)})
+        summary = odinw.main(["--root", str(root), "--datasets", "EgoHands", "Aquarium", "--split-variant", variant,
+                              "--save-dir", str(tmp_path / "runs")])
+        ego = calls[1]
+        assert ego[ego.index("--data.val_annotations") + 1] == str(root / f"EgoHands/generic/{folder}/annotations_without_background.json")
+        assert ego[ego.index("--data.val_images") + 1] == str(root / f"EgoHands/generic/{folder}")
+        assert calls[0][calls[0].index("--data.val_images") + 1] == str(root / "Aquarium/Aquarium Combined.v2-raw-1024.coco/valid")
+        assert summary["split_variant"] == variant and summary["splits"] == {"Aquarium": "valid", "EgoHands": folder}
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    text = odinw.table(summary)
+    assert ("Splits: mini_val for EgoHands (--split-variant mini_val, as GLIP evaluates them), valid for the rest; "
+            "references: [1] valid for every dataset; [2] does not say.") in text
+    summary["splits"]["EgoHands"] = "valid"
+    assert "Splits: valid for every dataset (--split-variant valid; GLIP evaluates EgoHands on mini_val)" in odinw.table(summary)
+    with pytest.raises(SystemExit):
+        odinw.main(["--root", str(root), "--split-variant", "minival"])
+
+
+def test_odinw35_suite_its_mean_and_references(tmp_path, monkeypatch):
+    root = tmp_path / "odinw"
+    _both_splits(root, "odinw35", ["PKLot", "BCCD"])
+    calls = _fake_evaluate(monkeypatch, {"BCCD": (0.1, 0.2), "PKLot": (0.3, 0.4)})
+    summary = odinw.run(root, ["--config", "x.yaml"], skip_missing=True, save_dir=str(tmp_path / "runs"), suite="odinw35")
+    assert list(summary["datasets"]) == ["BCCD", "PKLot"] and summary["suite"] == "odinw35"  # the suite's order
+    assert calls[1][calls[1].index("--data.val_images") + 1] == str(root / "PKLot/640/mini_val")
+    assert summary["mean_AP"] == 0.2 and summary["note"] == "mean over 2 of the 35 datasets"
+    rows = _table_rows(odinw.table(summary))
+    assert rows["ODinW-35 mean (over 2 datasets)"] == ["20.00", "30.00", "22.7 [1]; 28.4 [2]"]
+    text = odinw.table(summary)
+    assert "[2] mmdetection's MM-Grounding-DINO model table: Swin-T MM-Grounding-DINO pretrained on O365+GoldG+GRIT+V3Det" in text
+    assert "not over all 35 datasets, the ODinW-35 references are" in text and "IMAGE" not in text
+    everything = dict(summary, datasets={name: {"AP": 0.1, "AP50": 0.2} for name in odinw.ODINW35_NAMES},
+                      mean_AP_over=35, mean_AP50_over=35, splits=None, split_variant="valid")
+    rows = _table_rows(odinw.table(everything))
+    assert list(rows)[-2:] == ["ODinW-35 mean", "COCO val2017"] and len(rows) == 37
+    with pytest.raises(ValueError, match=r"unknown ODinW-35 datasets \['EgoHands'\]"):  # ODinW-35 says EgoHands_generic
+        odinw.run(root, [], datasets=["EgoHands"], suite="odinw35")
+    with pytest.raises(FileNotFoundError, match="ODinW dataset UnoCards: annotation file not found: .*UnoCards/raw/mini_val/"):
+        odinw.run(root, [], datasets=["UnoCards"], suite="odinw35")
+    with pytest.raises(FileNotFoundError, match="no ODinW-35 dataset found under"):
+        odinw.run(root, [], datasets=["UnoCards"], suite="odinw35", skip_missing=True)
+    assert len(calls) == 2

@@ -23,6 +23,7 @@ from grounding.lightning.grounding_module import GroundingModule
 from grounding.metrics.phrase_grounding import PhraseGroundingRecall, phrase_grounding_recall
 from grounding.metrics.rec import rec_accuracy
 from grounding.models.adaptive_masking import MaskingConfig
+from grounding.models.denoising import DenoisingConfig
 from grounding.models.tokenizer import build_wordpiece_tokenizer
 
 from ..conftest import TEST_MODEL_CONFIG
@@ -288,3 +289,35 @@ def test_two_processes_give_the_rec_phrase_and_box_ap_of_one(synthetic_root, fli
         assert torch.allclose(*(torch.tensor([r["boxes"] for r in w]) for w in written), atol=0.05)
         assert torch.allclose(*(torch.tensor([r["scores"] for r in w]) for w in written), atol=1e-4)
         assert [r.get("expression_id", r.get("phrase_id")) for r in written[1]] == list(range(len(written[1])))
+
+
+def test_a_detection_checkpoint_is_evaluated_on_referring_expressions(trained_detector, synthetic_root, tmp_path):
+    """An ImageGroundingModule checkpoint (its parent class) is accepted by a GroundingModule evaluation, whose
+    REC accuracy is that of the checkpoint's weights loaded by hand; a class unrelated to it is still refused."""
+    from grounding.cli import checkpoint_problem, evaluate
+    from grounding.lightning.gem_module import GEMSegmentationModule
+
+    checkpoint = torch.load(trained_detector.path, weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "grounding.lightning.image_module.ImageGroundingModule"  # as LightningCLI saves it
+    path = tmp_path / "detector.ckpt"
+    torch.save(checkpoint, path)
+    files = write_synthetic_odvg(synthetic_root, "val")
+    source = [{"anno": str(files.grounding), "image_root": str(files.image_root)}]
+    got = evaluate([
+        "--config", str(REPO / "configs" / "image" / "synthetic_grounding.yaml"), "--ckpt_path", str(path),
+        "--model.init_args.model_config", json.dumps(TEST_MODEL_CONFIG), "--data.init_args.format", "odvg",
+        "--data.init_args.synthetic_root", "null", "--data.init_args.detection_eval", "false",
+        "--data.init_args.test", json.dumps(source), "--data.init_args.split", "test",
+        "--data.init_args.image_size", "96", "--data.init_args.max_size", "128",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    ])
+    module = make_module(denoising=DenoisingConfig(number=3))  # the checkpoint's label table (unused at evaluation)
+    module.load_state_dict(checkpoint["state_dict"])
+    data = GroundingDataModule(test=source, split="test", image_size=96, max_size=128, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert got["rec_count"] == expected["test/rec_count"] > 4
+    for k in (1, 5, 10):
+        assert got[f"rec_acc@{k}"] == pytest.approx(expected[f"test/rec_acc@{k}"], abs=1e-4)
+    assert checkpoint_problem(str(path), GroundingModule) is None
+    assert "is a checkpoint of ImageGroundingModule" in checkpoint_problem(str(path), GEMSegmentationModule)
