@@ -314,7 +314,8 @@ def test_a_detection_checkpoint_is_evaluated_on_referring_expressions(trained_de
     module = make_module(denoising=DenoisingConfig(number=3))  # the checkpoint's label table (unused at evaluation)
     module.load_state_dict(checkpoint["state_dict"])
     data = GroundingDataModule(test=source, split="test", image_size=96, max_size=128, num_workers=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path / "direct")  # where its predictions go
     expected = trainer.test(module, datamodule=data, verbose=False)[0]
     assert got["rec_count"] == expected["test/rec_count"] > 4
     for k in (1, 5, 10):
