@@ -550,94 +550,84 @@ class GroundingTrainingSet(Dataset):
         return pixels.as_subclass(torch.Tensor), target
 
 
-class ReferringExpressions(Dataset):
-    """Evaluation samples, one per expression: ``(image (3, H, W) normalized, target)`` with target
-    ``expression_id``, ``image_id``, ``text``, ``gt_boxes`` (m, 4) xyxy original pixels, ``split``,
-    ``orig_size``, ``size``, ``input_ids`` (T,), ``token_mask`` (max_text_len,) (the expression's tokens)."""
+class _TextOnImageSet(Dataset):
+    """Evaluation samples of items (expressions or captions) that each have an image, a text and a split name:
+    the image as the evaluation transforms give it, the text encoded by the model's tokenizer."""
 
-    def __init__(self, expressions: list[Expression], text: TextEncoding, image_size: int, max_size: int):
-        self.expressions = expressions
+    def __init__(self, items: list, text: TextEncoding, image_size: int, max_size: int):
+        self.items = items
         self.text = text
         self.transforms = detection_transforms(False, image_size, max_size)
 
     def __len__(self) -> int:
-        return len(self.expressions)
+        return len(self.items)
 
     @property
     def split_names(self) -> list[str]:
-        return list(dict.fromkeys(e.split for e in self.expressions if e.split is not None))
+        return list(dict.fromkeys(item.split for item in self.items if item.split is not None))
 
-    def __getitem__(self, index: int):
-        expression = self.expressions[index]
+    def encoded(self, item, text: str) -> tuple[torch.Tensor, dict, list[tuple[int, int]], int]:
+        """(pixels (3, H, W), the common target fields, the text's token offsets, max_text_len)."""
         tokenizer, max_text_len = self.text.require()
-        ids, offsets = encode_text(tokenizer, expression.text, max_text_len)
-        image = read_rgb_image(expression.image, (expression.width, expression.height), expression.where)
-        size = (expression.height, expression.width)
-        sample = self.transforms({
+        ids, offsets = encode_text(tokenizer, text, max_text_len)
+        image = read_rgb_image(item.image, (item.width, item.height), item.where)
+        size = (item.height, item.width)
+        pixels = self.transforms({
             "image": tv_tensors.Image(F.pil_to_tensor(image)),
             "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
-        })
-        pixels = sample["image"]
+        })["image"]
         target = {
-            "expression_id": expression.expression_id,
-            "image_id": expression.image_id,
-            "text": expression.text,
-            "gt_boxes": torch.tensor(expression.gt_boxes, dtype=torch.float32).reshape(-1, 4),
-            "split": expression.split,
+            "image_id": item.image_id,
+            "text": text,
+            "split": item.split,
             "orig_size": torch.tensor(size),
             "size": torch.tensor(list(pixels.shape[-2:])),
             "input_ids": torch.tensor(ids, dtype=torch.long),
-            "token_mask": token_mask_of(offsets, max_text_len, len(expression.text.rstrip())),
         }
-        return pixels.as_subclass(torch.Tensor), target
+        return pixels.as_subclass(torch.Tensor), target, offsets, max_text_len
 
 
-class PhraseSentences(Dataset):
+class ReferringExpressions(_TextOnImageSet):
+    """Evaluation samples, one per expression: ``(image (3, H, W) normalized, target)`` with target
+    ``expression_id``, ``image_id``, ``text``, ``gt_boxes`` (m, 4) xyxy original pixels, ``split``,
+    ``orig_size``, ``size``, ``input_ids`` (T,), ``token_mask`` (max_text_len,) (the expression's tokens)."""
+
+    @property
+    def expressions(self) -> list[Expression]:
+        return self.items
+
+    def __getitem__(self, index: int):
+        expression = self.items[index]
+        pixels, target, offsets, max_text_len = self.encoded(expression, expression.text)
+        target["expression_id"] = expression.expression_id
+        target["gt_boxes"] = torch.tensor(expression.gt_boxes, dtype=torch.float32).reshape(-1, 4)
+        target["token_mask"] = token_mask_of(offsets, max_text_len, len(expression.text.rstrip()))
+        return pixels, target
+
+
+class PhraseSentences(_TextOnImageSet):
     """Phrase-grounding evaluation samples, one per caption: ``(image (3, H, W) normalized, target)`` with target
     ``sentence_id``, ``image_id``, ``text`` (the caption), ``split``, ``orig_size``, ``size``, ``input_ids`` (T,),
     ``phrase_masks`` (P, max_text_len) bool (each phrase's tokens: those whose characters overlap its spans; a
     phrase cut off by ``max_text_len`` has none and is scored 0, so it counts as missed), ``phrase_ids`` (P,),
     ``phrases`` (P texts) and ``gt_boxes`` (P tensors (m, 4) xyxy original pixels)."""
 
-    def __init__(self, sentences: list[Sentence], text: TextEncoding, image_size: int, max_size: int):
-        self.sentences = sentences
-        self.text = text
-        self.transforms = detection_transforms(False, image_size, max_size)
-
-    def __len__(self) -> int:
-        return len(self.sentences)
-
     @property
-    def split_names(self) -> list[str]:
-        return list(dict.fromkeys(s.split for s in self.sentences if s.split is not None))
+    def sentences(self) -> list[Sentence]:
+        return self.items
 
     def __getitem__(self, index: int):
-        sentence = self.sentences[index]
-        tokenizer, max_text_len = self.text.require()
-        ids, offsets = encode_text(tokenizer, sentence.caption, max_text_len)
-        image = read_rgb_image(sentence.image, (sentence.width, sentence.height), sentence.where)
-        size = (sentence.height, sentence.width)
-        pixels = self.transforms({
-            "image": tv_tensors.Image(F.pil_to_tensor(image)),
-            "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
-        })["image"]
+        sentence = self.items[index]
+        pixels, target, offsets, max_text_len = self.encoded(sentence, sentence.caption)
         masks = torch.zeros(len(sentence.phrases), max_text_len, dtype=torch.bool)
         for row, phrase in enumerate(sentence.phrases):
             masks[row, list(span_tokens(offsets, phrase.spans))] = True
-        target = {
-            "sentence_id": sentence.sentence_id,
-            "image_id": sentence.image_id,
-            "text": sentence.caption,
-            "split": sentence.split,
-            "orig_size": torch.tensor(size),
-            "size": torch.tensor(list(pixels.shape[-2:])),
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "phrase_masks": masks,
-            "phrase_ids": torch.tensor([p.phrase_id for p in sentence.phrases], dtype=torch.long),
-            "phrases": [p.text for p in sentence.phrases],
-            "gt_boxes": [torch.tensor(p.gt_boxes, dtype=torch.float32).reshape(-1, 4) for p in sentence.phrases],
-        }
-        return pixels.as_subclass(torch.Tensor), target
+        target["sentence_id"] = sentence.sentence_id
+        target["phrase_masks"] = masks
+        target["phrase_ids"] = torch.tensor([p.phrase_id for p in sentence.phrases], dtype=torch.long)
+        target["phrases"] = [p.text for p in sentence.phrases]
+        target["gt_boxes"] = [torch.tensor(p.gt_boxes, dtype=torch.float32).reshape(-1, 4) for p in sentence.phrases]
+        return pixels, target
 
 
 def _pad_texts(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
