@@ -165,20 +165,25 @@ def prompt_text(names: list[str]) -> tuple[str, list[tuple[int, int]]]:
 
 
 def detection_prompt(positives: list[int], labels: list[int], costs: dict[int, int], max_negatives: int,
-                     budget: int, rng: random.Random) -> list[int]:
+                     budget: int, rng: random.Random, shuffle: bool = True) -> list[int]:
     """The labels of one detection prompt, in prompt order.
 
     positives: the labels present in the image (each kept when possible); labels: every label of the label map;
     costs: tokens each label's phrase takes (its name's tokens + 1 for "."); budget: tokens available
     (``max_text_len`` - 2 for [CLS] and [SEP]). Up to ``max_negatives`` other labels are drawn without
-    replacement, everything is shuffled, then labels are dropped from the end of the shuffled order until the
-    prompt fits: negatives first, positives only when the positives alone overflow.
+    replacement, everything is shuffled (``shuffle``; else put in the order of ``labels``), then labels are dropped
+    from the end of that order until the prompt fits: negatives first, positives only when the positives alone
+    overflow.
     """
     positive_set = set(positives)
     pool = [label for label in labels if label not in positive_set]
     negatives = rng.sample(pool, min(max(max_negatives, 0), len(pool)))
     chosen = list(positives) + negatives
-    rng.shuffle(chosen)
+    if shuffle:
+        rng.shuffle(chosen)
+    else:  # the label map's order
+        order = {label: position for position, label in enumerate(labels)}
+        chosen.sort(key=order.__getitem__)
     used = sum(costs[label] for label in chosen)
     for wanted in (False, True):  # negatives first, then positives
         for label in reversed(list(chosen)):
@@ -435,13 +440,14 @@ class GroundingTrainingSet(Dataset):
     ``input_ids`` (T,), ``label_map`` (R, max_text_len) long, ``text``, ``kind``; or an ``UnreadableImage``."""
 
     def __init__(self, sources: list[TrainSource], text: TextEncoding, settings: dict, seed: int = 0,
-                 max_negatives: int = DEFAULT_MAX_NEGATIVES, skip_unreadable: bool = True):
+                 max_negatives: int = DEFAULT_MAX_NEGATIVES, skip_unreadable: bool = True, shuffle_categories: bool = True):
         self.sources = [s for s in sources if s.count]
         if not self.sources:
             raise ValueError("no training sample: every training source is empty or has weight 0")
         self.text = text
         self.seed = seed
         self.max_negatives = max_negatives
+        self.shuffle_categories = shuffle_categories
         self.skip_unreadable = skip_unreadable
         s = settings
         size = (s["image_size"], s["max_size"], s["train_scales"])
@@ -502,7 +508,8 @@ class GroundingTrainingSet(Dataset):
         if not source.costs:
             source.costs = {label: len(tokenizer(name, add_special_tokens=False)["input_ids"]) + 1 for label, name in source.names.items()}
         positives = list(dict.fromkeys(record.labels))
-        chosen = detection_prompt(positives, list(source.names), source.costs, self.max_negatives, max_text_len - 2, rng)
+        chosen = detection_prompt(positives, list(source.names), source.costs, self.max_negatives, max_text_len - 2, rng,
+                                  self.shuffle_categories)
         text, spans = prompt_text([source.names[label] for label in chosen])
         ids, offsets = encode_text(tokenizer, text, max_text_len)
         label_map = torch.zeros(len(chosen), max_text_len, dtype=torch.long)
@@ -698,6 +705,8 @@ class GroundingDataModule(L.LightningDataModule):
         synthetic_root, synthetic: the synthetic dataset (generated there when absent) and its generator settings.
         synthetic_weights: ``{"detection": w, "grounding": w}`` of the synthetic training files (default 1, 1).
         max_negatives: negative categories drawn into a detection prompt (at most; 85 in MM-Grounding-DINO).
+        shuffle_categories: a detection prompt's categories in a random order (MM-Grounding-DINO), or (False) in
+            the label map's order, as a fixed category list is written.
         image_size, max_size, train_scales, flip_prob, crop_prob, crop_scale: as ``CocoDetectionDataModule``
             (grounding records: no crop, no flip when the caption names a side).
         batch_size, eval_batch_size, num_workers: loaders.
@@ -720,6 +729,7 @@ class GroundingDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         synthetic_weights: dict | None = None,
         max_negatives: int = DEFAULT_MAX_NEGATIVES,
+        shuffle_categories: bool = True,
         image_size: int = 800,
         max_size: int = 1333,
         train_scales: list[int] | None = None,
@@ -875,7 +885,8 @@ class GroundingDataModule(L.LightningDataModule):
                 loaded.append(train_source)
                 log.info("training source %s: %s, %d records, weight %g -> %d samples per epoch",
                          train_source.path, train_source.kind, len(train_source.records), train_source.weight, train_source.count)
-            self.datasets[split] = GroundingTrainingSet(loaded, self.text, self._settings(), self.hparams.seed, self.hparams.max_negatives)
+            self.datasets[split] = GroundingTrainingSet(loaded, self.text, self._settings(), self.hparams.seed, self.hparams.max_negatives,
+                                                        shuffle_categories=self.hparams.shuffle_categories)
         else:
             expressions: list[Expression] = []
             for index, source in self._indexed(split, "rec"):

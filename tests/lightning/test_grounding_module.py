@@ -180,6 +180,11 @@ def test_detection_prompts_hold_the_positives_and_at_most_max_negatives():
     assert {3, 7} <= set(short) and sum(costs[c] for c in short) <= costs[3] + costs[7] + 2
     # the positives alone overflow: only as many as fit are kept
     assert len(detection_prompt([1, 4, 7], labels, costs, 5, costs[1] + costs[4], random.Random(0))) <= 2
+    # unshuffled: the same categories as shuffled with that seed, in the label map's order
+    backwards = labels[::-1]
+    for seed in range(5):
+        fixed = detection_prompt([3, 7], backwards, costs, 4, 200, random.Random(seed), shuffle=False)
+        assert fixed == sorted(detection_prompt([3, 7], backwards, costs, 4, 200, random.Random(seed)), reverse=True)
 
 
 def test_detection_samples_are_a_function_of_seed_epoch_and_index(synthetic_root, tokenizer):
