@@ -3,6 +3,7 @@ phrase / box-AP evaluation on two processes equal to one."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from grounding.data.grounding_data import GroundingDataModule, collate_phrases, 
 from grounding.data.odvg import read_odvg
 from grounding.data.odvg_convert import coco_to_odvg, flickr30k_to_odvg
 from grounding.data.synthetic.odvg import write_synthetic_odvg
+from grounding.lightning.callbacks import LastCheckpoint
 from grounding.lightning.grounding_module import GroundingModule
 from grounding.metrics.phrase_grounding import PhraseGroundingRecall, phrase_grounding_recall
 from grounding.metrics.rec import rec_accuracy
@@ -322,3 +324,35 @@ def test_a_detection_checkpoint_is_evaluated_on_referring_expressions(trained_de
         assert got[f"rec_acc@{k}"] == pytest.approx(expected[f"test/rec_acc@{k}"], abs=1e-4)
     assert checkpoint_problem(str(path), GroundingModule) is None
     assert "is a checkpoint of ImageGroundingModule" in checkpoint_problem(str(path), GEMSegmentationModule)
+
+
+# ------------------------------------------------------------------------------------------- resume
+def test_a_resumed_grounding_run_ends_with_the_weights_of_the_uninterrupted_one(synthetic_root, tmp_path):
+    """Grounding training (detection and referring-expression lines, masking, denoising): the last.ckpt written
+    after step 3 of a 6-step run (weights, optimizer, loader position, random state), resumed, ends with the
+    uninterrupted run's weights."""
+
+    class KeepStep3(L.Callback):  # after LastCheckpoint has written step 3
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                shutil.copy(tmp_path / "whole" / "last.ckpt", tmp_path / "step3.ckpt")
+
+    def fit(folder, ckpt_path=None):
+        L.seed_everything(0)
+        module = make_module(masking=MaskingConfig(variant="rf_gam"), denoising=DenoisingConfig(number=3), lr=1e-3)
+        data = GroundingDataModule(format="synthetic", synthetic_root=str(synthetic_root), image_size=96, max_size=128,
+                                   batch_size=2, num_workers=0, crop_prob=0.0, max_negatives=3,
+                                   synthetic_weights={"detection": 1.0, "grounding": 0.5})
+        callbacks = [LastCheckpoint(dirpath=str(folder), every_n_train_steps=3)] + ([] if ckpt_path else [KeepStep3()])
+        trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            default_root_dir=str(tmp_path))
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)  # our own file
+        return {k: v.detach().clone() for k, v in module.detector.state_dict().items()}, data
+
+    uninterrupted, data = fit(tmp_path / "whole")
+    assert len(data.dataset("train")) // 2 > 6  # step 3 falls inside the first epoch
+    assert torch.load(tmp_path / "step3.ckpt", weights_only=False)["global_step"] == 3
+    resumed, _ = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "step3.ckpt"))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
