@@ -256,38 +256,50 @@ def test_refcoco_style_records_evaluate_on_the_referred_boxes(synthetic_root, tm
 
 # ------------------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
-def test_two_processes_give_the_rec_phrase_and_box_ap_of_one(synthetic_root, flickr_file, tmp_path):
-    """grounding-eval with REC, phrase grounding and box AP over 2 processes (gloo; ``ddp`` relaunches the script)
-    gives one process's metrics and the same prediction files."""
+def test_two_processes_train_and_evaluate_grounding_as_one(synthetic_root, flickr_file, tmp_path):
+    """train.py on ODVG detection + referring-expression lines, 2 processes (gloo; ``ddp`` relaunches the script)
+    of batch 2 against 1 of batch 4: the same weights (float64, no dropout, no denoising: its group count follows
+    each process's batch), then the same REC accuracy, phrase-grounding recall and box AP of the trained model on
+    2 processes as on 1, and the same prediction files."""
+    from ..test_runs import NO_DROPOUT
+
     path, _ = flickr_file
-    files = write_synthetic_odvg(synthetic_root, "val")
-    images = str(syn.images_dir(synthetic_root, "val"))
-    sources = [{"anno": str(files.grounding), "image_root": images, "name": "refs"},
-               {"anno": str(path), "image_root": images, "name": "flickr", "protocol": "phrase"}]
+    train_files, val_files = write_synthetic_odvg(synthetic_root, "train"), write_synthetic_odvg(synthetic_root, "val")
+    train = [{"anno": str(train_files.detection), "label_map": str(train_files.label_map), "image_root": str(train_files.image_root)},
+             {"anno": str(train_files.grounding), "image_root": str(train_files.image_root), "weight": 0.25}]
+    images = str(val_files.image_root)
+    val = [{"anno": str(val_files.grounding), "image_root": images, "name": "refs"},
+           {"anno": str(path), "image_root": images, "name": "flickr", "protocol": "phrase"}]
     outputs = {}
-    for devices in (1, 2):
+    for devices, batch in ((1, 4), (2, 2)):
         result = subprocess.run(
-            [sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs" / "image" / "synthetic_grounding.yaml"),
-             "--model.init_args.model_config", json.dumps(TEST_MODEL_CONFIG),
-             "--data.init_args.format", "odvg", "--data.init_args.synthetic_root", "null", "--data.init_args.detection_eval", "false",
-             "--data.init_args.test", json.dumps(sources), "--data.init_args.split", "test",
-             "--data.init_args.test_detection", json.dumps({"annotations": str(syn.instances_path(synthetic_root, "val")), "images": images}),
-             "--data.init_args.image_size", "96", "--data.init_args.max_size", "128", "--data.init_args.eval_batch_size", "3",
+            [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "image" / "synthetic_grounding.yaml"),
+             "--model.init_args.model_config", json.dumps(NO_DROPOUT), "--model.init_args.denoising.number", "0",
+             "--model.init_args.log_images", "false", "--data.init_args.format", "odvg",
+             "--data.init_args.synthetic_root", "null", "--data.init_args.detection_eval", "false",
+             "--data.init_args.train", json.dumps(train), "--data.init_args.val", json.dumps(val),
+             "--data.init_args.val_detection", json.dumps({"annotations": str(syn.instances_path(synthetic_root, "val")), "images": images}),
+             "--data.init_args.image_size", "96", "--data.init_args.max_size", "128", "--data.init_args.batch_size", str(batch),
+             "--data.init_args.eval_batch_size", "3", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+             "--trainer.precision", "64-true", "--validate_before_fit", "false",
              "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
-             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-             "--trainer.strategy", "ddp" if devices > 1 else "auto"],
+             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto"],
             cwd=tmp_path, capture_output=True, text=True, timeout=600,
             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
         )
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[devices] = json.loads(result.stdout.strip().splitlines()[-1])
     one, two = outputs[1], outputs[2]
+    assert one["steps"] == two["steps"] > 2
+    w1, w2 = (torch.load(Path(o["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for o in (one, two))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-9
     keys = ["rec_acc@1", "rec_acc@5", "rec_acc@10", "rec_count", "refs/rec_acc@1", "phrase_R@1", "phrase_R@5",
             "phrase_R@10", "phrase_count", "flickr/phrase_R@1", "AP", "AP50"]
-    assert one["rec_count"] > 4 and one["phrase_count"] >= 3
-    assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-6)
-    for name in ("rec_test.json", "phrase_test.json"):
-        written = [json.loads((Path(out["run_dir"]) / "predictions" / name).read_text()) for out in (one, two)]
+    first, second = one["trained"], two["trained"]
+    assert first["rec_count"] > 4 and first["phrase_count"] >= 3
+    assert {k: second[k] for k in keys} == pytest.approx({k: first[k] for k in keys}, abs=1e-6)
+    for pattern in ("rec_val_epoch000.json", "phrase_val_epoch000.json"):
+        written = [json.loads((Path(o["run_dir"]) / "predictions" / pattern).read_text()) for o in (one, two)]
         assert torch.allclose(*(torch.tensor([r["boxes"] for r in w]) for w in written), atol=0.05)
         assert torch.allclose(*(torch.tensor([r["scores"] for r in w]) for w in written), atol=1e-4)
         assert [r.get("expression_id", r.get("phrase_id")) for r in written[1]] == list(range(len(written[1])))
