@@ -6,7 +6,7 @@
     python bench/gpu_suite.py --out DIR/gpu_suite.json
 
 Each entry runs as its own subprocess (its own process group, so that a bench and the fresh processes it starts
-for its memory figures end together) under its own time limit. The limits add up to 460 s; what an entry leaves
+for its memory figures end together) under its own time limit. The limits add up to 465 s; what an entry leaves
 unused passes on to the next ones, and none can run past the sum. After every entry the suite rewrites, each
 atomically, ``bench_results/gpu_suite.json`` (the machine, the command, the git commit, the date, and per entry
 its command, status, seconds, limit and figures: the last JSON line of its stdout; for a failure its exit code
@@ -19,37 +19,47 @@ Entries, in run order (GPU settings; limit in seconds):
 =======================  =====  ==========================================================================
 entry                    limit  what it measures
 =======================  =====  ==========================================================================
-masking_overhead           70   IMAGE: Grounding DINO at Swin-T sizes, 800x1333, batch 2, bf16 autocast:
+masking_overhead           50   IMAGE: Grounding DINO at Swin-T sizes, 800x1333, batch 2, bf16 autocast:
                                 median training-step time with RF-GAM masking vs without (20 interleaved
                                 steps after 3 warm-up; target <= 5 %) and each variant's peak
                                 ``max_memory_allocated`` in a fresh process (target <= 50 MB extra).
 training_throughput_b2     70   IMAGE: images/s of plain / IMAGE / CDN (number 100) / IMAGE + CDN training
                                 steps, same model and input, batch 2 (8 timed steps each, interleaved) and
                                 the peak memory of each in a fresh process (target <= 8.5 GB).
-training_throughput_b8     85   the same at batch 8 (5 timed steps; peak memory of plain and IMAGE + CDN
+training_throughput_b8     70   the same at batch 8 (5 timed steps; peak memory of plain and IMAGE + CDN
                                 only; target >= 10 images/s). Its own entry, so that batch 2 is kept
                                 should batch 8 fail or run out of time.
-maskinversion              55   ViT-B/16 sizes, 448 px, 5 and 100 masks, 10 iterations, fp32: one whole
+maskinversion              45   ViT-B/16 sizes, 448 px, 5 and 100 masks, 10 iterations, fp32: one whole
                                 ``MaskInversion`` call, gradient decomposition vs naive second-order
                                 autograd (naive timed over 2 iterations, scaled to 10), each setting in a
                                 fresh process, best of 3 calls (targets: <= 0.15 s at 100 masks; >= 5x
                                 naive at 100 masks, not slower at 5).
-gem                        30   ViT-B/16 at 448 px, batch 32, bf16: images/s of GEM, plain CLIP, MaskCLIP
+gem                        25   ViT-B/16 at 448 px, batch 32, bf16: images/s of GEM, plain CLIP, MaskCLIP
                                 and CLIPSurgery (median of 3 rounds) and FLOPs per image (target: GEM
                                 >= 150 images/s).
-mimic                      55   the tiny model's per-term CPU costs (10 repetitions), then a random LLaVA
+mimic                      45   the tiny model's per-term CPU costs (10 repetitions), then a random LLaVA
                                 of LLaVA-1.5-7B's sizes at full depth (32 language layers of width 4096,
                                 24 vision layers), bf16, 336 px, gradient checkpointing, ResNet-50 for R_V:
                                 seconds per synthesis iteration over 10 iterations after one warm-up, and
                                 the peak memory (target: 500 iterations in <= 2 minutes, 0.24 s each).
-invseg                     70   InvSeg at Stable Diffusion 2.1-base's sizes (UNet 866 M, VAE 84 M, ViT-H
+invseg                     55   InvSeg at Stable Diffusion 2.1-base's sizes (UNet 866 M, VAE 84 M, ViT-H
                                 text encoder 340 M parameters), bf16, 512 px: the 15-step adaptation of
                                 one image with attention captured at 16x16 only vs in every layer (median
                                 of 2 after a one-step warm-up, each variant in a fresh process) and their
                                 peak memory (the paper: 7.9 s per image on an H100).
+predict                    25   the tiny detector and GEM of the synthetic configs on 256 synthetic 320 px
+                                images: images/s of grounding-predict against transformers' own loop and
+                                the plain DenseSimilarity loop (target: ratio >= 1).
+vocabulary                 25   Swin-T sizes, 800x1333, batch 2, bf16: evaluation images/s at 80 and 1,203
+                                category names, the image backbone once per batch vs once per prompt.
 importance_prior           25   IMAGE's importance prior on the stride-8 grid of 800x1333 (100x167 =
                                 16,700 tokens, D 256, batch 2) on CUDA: exact chunked vs pooled (default),
                                 median time of 3 and peak memory, each in a fresh process.
+finetune_memory            30   IMAGE at Swin-T sizes, 800x1333, bf16 autocast, batch 2, 4 and 8: peak
+                                ``max_memory_allocated`` and time of one training step (IMAGE masking, CDN
+                                100, AdamW) with full fine-tuning, a frozen backbone, gradient
+                                checkpointing and LoRA r 16 (when present), one process, ratios to full
+                                fine-tuning (goal: checkpointing <= 0.6x its peak).
 =======================  =====  ==========================================================================
 
 Why these sizes fit (estimates from the arithmetic, the figures above are what measures them). Each process
@@ -117,7 +127,7 @@ class Bench:
 BENCHES: tuple[Bench, ...] = (
     Bench("masking_overhead", "IMAGE: masking overhead", "bench_masking_overhead.py",
           ("--batch", "2", "--steps", "20", "--warmup", "3"),
-          ("--quick", "--batch", "1", "--steps", "1", "--warmup", "0"), 60,
+          ("--quick", "--batch", "1", "--steps", "1", "--warmup", "0"), 50,
           "Grounding DINO at Swin-T sizes (random weights), 800×1333, batch 2, bf16 autocast: median training-step "
           "time with RF-GAM masking vs without (20 interleaved steps; target ≤ 5 %), peak memory of each in a fresh "
           "process (target ≤ 50 MB extra)."),
@@ -135,7 +145,7 @@ BENCHES: tuple[Bench, ...] = (
           ("--sizes", "448", "--mask-counts", "5", "100", "--iterations", "10", "--naive-iterations", "2",
            "--repeats", "3"),
           ("--quick", "--model", "tiny", "--sizes", "64", "--mask-counts", "5", "--iterations", "2",
-           "--naive-iterations", "1", "--repeats", "1"), 50,
+           "--naive-iterations", "1", "--repeats", "1"), 45,
           "ViT-B/16 sizes (random weights), 448 px, 5 and 100 masks, 10 iterations, fp32: one whole MaskInversion "
           "call, decomposed vs naive (naive timed over 2 iterations and scaled to 10), each in a fresh process, "
           "best of 3 (targets: ≤ 0.15 s at 100 masks; ≥ 5× naive at 100 masks, not slower at 5)."),
@@ -146,20 +156,20 @@ BENCHES: tuple[Bench, ...] = (
           "CLIPSurgery (median of 3 rounds) and FLOPs per image (target: GEM ≥ 150 images/s)."),
     Bench("mimic", "MIMIC: 7B LLaVA seconds per iteration", "bench_mimic.py",
           ("--repeats", "10", "--cuda-iterations", "10"),
-          ("--quick", "--repeats", "2"), 50,
+          ("--quick", "--repeats", "2"), 45,
           "Per-term costs on the tiny model (CPU, 10 repetitions), then a random LLaVA of LLaVA-1.5-7B's sizes "
           "(all 32 language layers), bf16, 336 px, gradient checkpointing, ResNet-50 for R_V: seconds per "
           "iteration over 10 after one warm-up, peak memory (target: 500 iterations in ≤ 2 minutes)."),
     Bench("invseg", "InvSeg: attention capture at SD 2.1-base sizes", "bench_invseg_capture.py",
           ("--model", "sd21-base", "--dtype", "bfloat16"),
-          ("--quick", "--model", "reduced", "--image-size", "128", "--steps", "1", "--repeats", "1"), 60,
+          ("--quick", "--model", "reduced", "--image-size", "128", "--steps", "1", "--repeats", "1"), 55,
           "Stable Diffusion 2.1-base's sizes (random weights), bf16, 512 px: seconds of the 15-step adaptation of "
           "one image, capture at 16×16 only vs in every layer (median of 2, each variant in a fresh process), "
           "peak memory of each (the paper: 7.9 s per image on an H100)."),
     Bench("predict", "grounding-predict against transformers' own loop", "bench_predict.py",
           ("--images", "256", "--size", "320", "--rounds", "2", "--batch_size", "8", "--also_batch", "1", "--top_k", "10",
            "--threads", "0", "--num_workers", "4"),
-          ("--quick", "--images", "8", "--size", "96", "--rounds", "1"), 30,
+          ("--quick", "--images", "8", "--size", "96", "--rounds", "1"), 25,
           "The tiny detector and GEM of the synthetic configs on 256 synthetic 320 px images: images/s of "
           "grounding-predict (batch 8 and 1, 4 loader workers, every output written) against transformers' processor + model + "
           "post-processing loop and the plain DenseSimilarity loop, one image at a time (target: ratio ≥ 1)."),
@@ -173,6 +183,13 @@ BENCHES: tuple[Bench, ...] = (
           ("--quick", "--height", "25", "--width", "42"), 25,
           "The importance prior on the stride-8 grid of 800×1333 (16,700 tokens, D 256, batch 2) on CUDA: exact "
           "chunked vs pooled (default), median time of 3 and peak memory, each in a fresh process."),
+    Bench("finetune_memory", "IMAGE: fine-tuning memory (frozen backbone, checkpointing, LoRA)", "bench_finetune_memory.py",
+          ("--batches", "2", "4", "8", "--steps", "1", "--warmup", "1"),
+          ("--quick", "--batches", "1", "--steps", "1", "--warmup", "0", "--variants", "full", "checkpointing"), 30,
+          "Grounding DINO at Swin-T sizes (random weights), 800×1333, bf16 autocast, batch 2, 4 and 8: peak "
+          "max_memory_allocated and time of one training step (IMAGE masking, CDN 100, AdamW) with full fine-tuning, "
+          "a frozen backbone, gradient checkpointing and LoRA r 16 (when present), ratios to full fine-tuning "
+          "(goal: checkpointing ≤ 0.6× the peak of full fine-tuning)."),
 )
 NAMES = [bench.name for bench in BENCHES]
 assert sum(bench.limit_s for bench in BENCHES) <= TOTAL_LIMIT_S - 15

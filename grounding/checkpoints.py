@@ -49,6 +49,7 @@ import torch
 SAFE_CLASS_PATHS = (
     "grounding.models.adaptive_masking.MaskingConfig",
     "grounding.models.denoising.DenoisingConfig",
+    "grounding.models.lora.LoraSettings",
     "grounding.models.invseg_inversion.InversionSettings",
     "grounding.models.invseg_inversion.BaselineSettings",
     "grounding.models.maskinversion.MaskInversionSettings",

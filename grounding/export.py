@@ -5,9 +5,12 @@
     grounding-export --ckpt_path RUN/checkpoints/last.ckpt --out exported/ [--overwrite]
 
 reads the ``ImageGroundingModule`` checkpoint safely (``grounding.models.detector.read_checkpoint``: tensors,
-plain values and the module's two config dataclasses only), rebuilds the detector and writes the model
+plain values and the module's settings dataclasses only), rebuilds the detector and writes the model
 (``model.safetensors``, ``config.json``) and its processor (tokenizer files, ``processor_config.json`` with
-the image processor's resize) into ``--out`` atomically. The folder then works without this package::
+the image processor's resize) into ``--out`` atomically. A run trained with LoRA (``--model.lora.r``) is
+exported with its adapters merged into the weights, ``W + (alpha / r) B A``: the folder holds transformers' own
+keys and no adapter (loading it needs no peft); a run with a weight average (``WeightEMA``) is exported with the
+averaged weights, which its checkpoints hold as their ``state_dict``. The folder then works without this package::
 
     AutoModelForZeroShotObjectDetection.from_pretrained("exported/"); AutoProcessor.from_pretrained("exported/")
     pipeline("zero-shot-object-detection", model="exported/")

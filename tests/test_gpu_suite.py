@@ -49,7 +49,7 @@ def dead(pid: int) -> bool:
 def test_gpu_plan_covers_every_benchmark_within_eight_minutes():
     entries = suite.plan()
     assert [e.name for e in entries] == suite.NAMES
-    assert len(set(suite.NAMES)) == len(suite.NAMES) == 10
+    assert len(set(suite.NAMES)) == len(suite.NAMES) == 11
     assert sum(e.limit_s for e in entries) <= 465  # < 8 minutes with the suite's start-up and the last kill
     assert all(e.limit_s >= 20 for e in entries)
     commands = {e.name: e.display for e in entries}
@@ -64,6 +64,7 @@ def test_gpu_plan_covers_every_benchmark_within_eight_minutes():
     assert "--model sd21-base --dtype bfloat16" in commands["invseg"]
     assert "--cuda-iterations 10" in commands["mimic"]
     assert "--cuda-only" in commands["importance_prior"]
+    assert "--batches 2 4 8" in commands["finetune_memory"]
 
 
 def test_dry_plan_appends_smaller_sizes_to_the_gpu_arguments():

@@ -38,7 +38,9 @@ from grounding.metrics.phrase_grounding import PhraseGroundingRecall
 from grounding.metrics.rec import ReferringExpressionAccuracy, ranking
 from grounding.models.adaptive_masking import MaskingConfig
 from grounding.models.denoising import DenoisingConfig, denoising_training
+from grounding.models.freezing import FreezePart
 from grounding.models.grounding_dino import batch_label_maps, feature_masking, offset_class_labels, trained_proposals
+from grounding.models.lora import LoraSettings
 from grounding.utils import write_json_atomic
 from grounding.visualize import detection_panel
 
@@ -94,7 +96,9 @@ class GroundingModule(ImageGroundingModule):
         lr_backbone: float = 1e-5,
         lr_text_encoder: float = 1e-5,
         weight_decay: float = 1e-4,
-        freeze_text_encoder: bool = True,
+        freeze_text_encoder: bool | None = None,
+        freeze: list[FreezePart] | None = None,
+        gradient_checkpointing: bool = False,
         lr_drop_epochs: list[int] | None = None,
         lr_drop_factor: float = 0.1,
         lr_schedule: Literal["step", "cosine"] = "step",
@@ -107,6 +111,7 @@ class GroundingModule(ImageGroundingModule):
         denoising: DenoisingConfig | None = None,
         rec_top_k: int = 10,
         rec_score: Literal["mean", "max"] = "mean",
+        lora: LoraSettings | None = None,
     ):
         if isinstance(rec_top_k, bool) or not isinstance(rec_top_k, int) or rec_top_k < 1:
             raise ValueError(f"model.rec_top_k must be an integer >= 1, got {rec_top_k!r}")
@@ -115,10 +120,11 @@ class GroundingModule(ImageGroundingModule):
         super().__init__(
             model=model, model_config=model_config, masking=masking, lr=lr, lr_backbone=lr_backbone,
             lr_text_encoder=lr_text_encoder, weight_decay=weight_decay, freeze_text_encoder=freeze_text_encoder,
+            freeze=freeze, gradient_checkpointing=gradient_checkpointing,
             lr_drop_epochs=lr_drop_epochs, lr_drop_factor=lr_drop_factor, lr_schedule=lr_schedule,
             lr_min_factor=lr_min_factor, num_detections=num_detections, log_images=log_images,
             log_score_threshold=log_score_threshold, max_nonfinite_steps=max_nonfinite_steps,
-            proposal_loss=proposal_loss, denoising=denoising,
+            proposal_loss=proposal_loss, denoising=denoising, lora=lora,
         )
         self.rec_metrics = torch.nn.ModuleDict()  # split -> ReferringExpressionAccuracy, made in setup
         self.phrase_metrics = torch.nn.ModuleDict()  # split -> PhraseGroundingRecall, made in setup

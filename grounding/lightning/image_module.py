@@ -30,7 +30,9 @@ from grounding.lightning.guards import NonFiniteGuard
 from grounding.metrics.coco_eval import CocoBoxMetric
 from grounding.metrics.lvis_eval import LvisFixedAPMetric
 from grounding.models.adaptive_masking import AdaptiveMasking, MaskingConfig
+from grounding.models.checkpointing import set_gradient_checkpointing
 from grounding.models.denoising import ContrastiveDenoising, DenoisingConfig, denoising_training
+from grounding.models.freezing import FreezePart, freeze_parts, resolve_freeze
 from grounding.models.grounding_dino import (
     build_grounding_dino,
     encoder_token_count,
@@ -40,6 +42,7 @@ from grounding.models.grounding_dino import (
     shared_image_backbone,
     trained_proposals,
 )
+from grounding.models.lora import LoraSettings, apply_lora, log_parameter_counts, lora_settings
 from grounding.utils import write_json_atomic
 from grounding.visualize import denormalize, detection_panel, mask_panels, upscale
 
@@ -62,7 +65,14 @@ class ImageGroundingModule(L.LightningModule):
         masking: IMAGE settings (``MaskingConfig``: variant rf_gam/threshold/random/none, r0, r1, sigma, k0,
             progressive, tau, max_tokens); ``variant: none`` trains the plain detector.
         lr, lr_backbone, lr_text_encoder, weight_decay: AdamW groups (docs/image.md: 1e-4, 1e-5, 1e-5, 1e-4).
-        freeze_text_encoder: keep BERT (``model.text_backbone`` in both classes) frozen (the paper's default).
+        freeze: the parts kept frozen (``grounding.models.freezing``): ``backbone``, ``backbone_stages:N`` (the patch
+            embedding and the first N Swin stages), ``text_encoder``, ``input_projection``, ``encoder`` (alias
+            ``feature_enhancer``), ``decoder``; None: ``[text_encoder]`` (the paper's default), ``[]``: nothing.
+            Frozen parameters are in no optimizer group.
+        freeze_text_encoder: deprecated, ``freeze: [text_encoder]`` (true) or ``freeze: []`` (false), with a warning.
+        gradient_checkpointing: recompute the activations of Swin's blocks, BERT's, the encoder's and the decoder's
+            layers in the backward pass instead of keeping them (``grounding.models.checkpointing``): less memory,
+            one more forward pass per step, the same loss and gradients.
         lr_drop_epochs, lr_drop_factor: step decay of all groups at these epochs (``lr_schedule: step``).
         lr_schedule: ``step`` (the paper's step decay; constant without ``lr_drop_epochs``) or ``cosine``
             (per-step cosine decay from each group's lr to ``lr_min_factor`` × lr over the whole run).
@@ -80,6 +90,10 @@ class ImageGroundingModule(L.LightningModule):
             is, which never trains that head (it is then frozen).
         denoising: contrastive denoising training (``DenoisingConfig``: number, label_noise, box_noise; DINO's
             CDN, ``grounding.models.denoising``); ``number: 0`` (the default) trains without it.
+        lora: LoRA adapters through peft (``LoraSettings``: r, alpha, dropout, target_modules; ``grounding.models.lora``);
+            ``r: 0`` (the default) trains without them. With them every base weight of the detector is frozen but
+            the heads of ``grounding.models.lora.TRAINABLE_HEADS``; the trainable and total parameter counts are
+            logged once (rank 0).
 
     The parameters that never receive a gradient are frozen
     (``grounding.models.grounding_dino.untrained_modules``), so DDP needs no ``find_unused_parameters``.
@@ -96,7 +110,9 @@ class ImageGroundingModule(L.LightningModule):
         lr_backbone: float = 1e-5,
         lr_text_encoder: float = 1e-5,
         weight_decay: float = 1e-4,
-        freeze_text_encoder: bool = True,
+        freeze_text_encoder: bool | None = None,
+        freeze: list[FreezePart] | None = None,
+        gradient_checkpointing: bool = False,
         lr_drop_epochs: list[int] | None = None,
         lr_drop_factor: float = 0.1,
         lr_schedule: Literal["step", "cosine"] = "step",
@@ -107,6 +123,7 @@ class ImageGroundingModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         proposal_loss: Literal["trained", "detached"] = "trained",
         denoising: DenoisingConfig | None = None,
+        lora: LoraSettings | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -132,8 +149,12 @@ class ImageGroundingModule(L.LightningModule):
         self.masking_config = masking if masking is not None else MaskingConfig()
         self.detector, self.tokenizer = build_grounding_dino(model, model_config)
         self.masking_config.check_levels(self.detector.config.num_feature_levels)
-        if freeze_text_encoder:
-            self.detector.model.text_backbone.requires_grad_(False)
+        self.frozen_parts = resolve_freeze(freeze, freeze_text_encoder)
+        freeze_parts(self.detector, self.frozen_parts)
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"model.gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
+        if gradient_checkpointing:
+            set_gradient_checkpointing(self.detector)
         self.frozen_untrained = freeze_untrained(self.detector, proposal_loss)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.masking = AdaptiveMasking(self.masking_config)
@@ -144,6 +165,9 @@ class ImageGroundingModule(L.LightningModule):
             if not config.two_stage:
                 raise ValueError("model.denoising needs a two-stage model (its decoder queries carry boxes)")
             self.denoising = ContrastiveDenoising(self.denoising_config, config.d_model, config.max_text_len)
+        self.lora_settings = lora_settings(lora)  # LoRA last: it freezes the base weights left trainable above
+        self.lora_layers = apply_lora(self.detector, self.lora_settings)
+        log_parameter_counts(self, self.lora_layers)
         self.prompts: list[Prompt] = []
         self.categories: dict[int, str] = {}
         self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric or LvisFixedAPMetric, made in setup from the datamodule

@@ -19,8 +19,9 @@ involved; ``from_checkpoint`` reads the ``last.ckpt`` of an ``ImageGroundingModu
 Checkpoints are read with ``torch.load(..., weights_only=True)`` (``grounding.checkpoints``): tensors and
 plain values only, plus the settings dataclasses of the package's one allow-list
 (``grounding.checkpoints.SAFE_CLASS_PATHS``; ``ImageGroundingModule.save_hyperparameters`` may store
-``MaskingConfig`` and ``DenoisingConfig``). A checkpoint that needs any other global is refused with an error
-naming the file and the globals; nothing is unpickled beyond that list.
+``MaskingConfig``, ``DenoisingConfig`` and ``LoraSettings``). A checkpoint that needs any other global is refused
+with an error naming the file and the globals; nothing is unpickled beyond that list. A checkpoint trained with
+LoRA adapters gives the detector with the adapters merged into its weights (``detector_state_dict``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from transformers.image_utils import load_image
 from grounding.checkpoints import UnsafeCheckpointError, load_checkpoint
 from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
 from grounding.models.grounding_dino import build_grounding_dino, encoder_token_count
+from grounding.models.lora import has_adapters, lora_settings, merged_state_dict
 
 #: the LightningModule whose checkpoints ``from_checkpoint`` reads (LightningCLI stores it as ``_class_path``)
 MODULE_CLASS_PATH = "grounding.lightning.image_module.ImageGroundingModule"
@@ -115,17 +117,33 @@ def module_hyper_parameters(checkpoint: dict, path: str | Path = "checkpoint") -
 
 
 def detector_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The detector's weights of an ``ImageGroundingModule`` checkpoint, without the ``detector.`` prefix.
+    """The detector's weights of an ``ImageGroundingModule`` checkpoint, without the ``detector.`` prefix, as
+    the plain detector's keys, so that ``from_checkpoint`` and ``grounding-export`` use them alike.
 
-    These are the weights the module trained (``state_dict``). Checkpoints hold no other version of them
-    yet; an exponential moving average or LoRA adapters merged into the base weights, once the training
-    module saves them, are chosen here, so that ``from_checkpoint`` and ``grounding-export`` use them alike.
+    These are the checkpoint's ``state_dict``: the weights the module trained or, for a run with
+    ``grounding.lightning.ema.WeightEMA`` (or Lightning's ``EMAWeightAveraging``), their moving average (the
+    callback saves the average there and the training weights under ``current_model_state``). LoRA adapters
+    (a module trained with ``lora.r > 0``) are merged into their base weights, ``W + (alpha / r) B A``
+    (``grounding.models.lora.merged_state_dict``), with alpha and r of the checkpoint's hyper-parameters.
     """
-    return {
+    weights = {
         key[len(DETECTOR_PREFIX):]: value
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(DETECTOR_PREFIX)
     }
+    if not has_adapters(weights):
+        return weights
+    hparams = checkpoint.get("hyper_parameters")
+    try:
+        settings = lora_settings(hparams.get("lora") if isinstance(hparams, dict) else None)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint holds LoRA adapters but its lora settings are unreadable: {error}") from error
+    if not settings.enabled:
+        raise CheckpointError("the checkpoint holds LoRA adapters but its hyper-parameters give no lora.r > 0 (their scale alpha / r)")
+    try:
+        return merged_state_dict(weights, settings.scaling)
+    except ValueError as error:
+        raise CheckpointError(f"cannot merge the checkpoint's LoRA adapters: {error}") from error
 
 
 def checkpoint_image_size(checkpoint: dict) -> tuple[int, int | None]:
