@@ -291,17 +291,24 @@ class Expression:
     where: str  # file:line
 
 
-def expressions_of(record: OdvgRecord, start_id: int, image: Path, split: str | None, where: str) -> list[Expression]:
-    """The expressions of one grounding record: one per distinct set of spans among its regions (module docstring)."""
+def boxes_by_spans(record: OdvgRecord) -> dict[tuple, list[list[float]]]:
+    """A grounding record's regions grouped by their spans: each distinct set of ``tokens_positive`` spans (in
+    order of first appearance) -> the boxes of its regions clipped to the image (a group whose boxes all fall
+    outside is left out)."""
     groups: dict[tuple, list[list[float]]] = {}
     for box, spans in zip(record.boxes, record.tokens_positive or []):
         key = tuple(tuple(span) for span in spans)
         clipped = clipped_box(box, record.width, record.height)
         if clipped is not None:
             groups.setdefault(key, []).append(clipped)
+    return groups
+
+
+def expressions_of(record: OdvgRecord, start_id: int, image: Path, split: str | None, where: str) -> list[Expression]:
+    """The expressions of one grounding record: one per distinct set of spans among its regions (module docstring)."""
     caption = record.caption or ""
     expressions = []
-    for key, boxes in groups.items():
+    for key, boxes in boxes_by_spans(record).items():
         covered = "".join(ch for i, ch in enumerate(caption) if not any(s <= i < e for s, e in key))
         text = caption.strip() if not covered.strip() else " ".join(caption[s:e] for s, e in key)
         image_id = record.image_id if record.image_id is not None else record.filename
@@ -338,15 +345,9 @@ class Phrase:
 def phrases_of(record: OdvgRecord, start_id: int) -> list[Phrase]:
     """The phrases of one grounding record: one per distinct set of spans among its regions (its boxes: the
     regions with those spans, clipped to the image; a phrase whose boxes all fall outside is left out)."""
-    groups: dict[tuple, list[list[float]]] = {}
-    for box, spans in zip(record.boxes, record.tokens_positive or []):
-        key = tuple(tuple(span) for span in spans)
-        clipped = clipped_box(box, record.width, record.height)
-        if clipped is not None:
-            groups.setdefault(key, []).append(clipped)
     caption = record.caption or ""
     return [Phrase(start_id + number, [list(span) for span in key], " ".join(caption[s:e] for s, e in key), boxes)
-            for number, (key, boxes) in enumerate(groups.items())]
+            for number, (key, boxes) in enumerate(boxes_by_spans(record).items())]
 
 
 def _evaluation_records(source: dict, index: int, split: str, check_images: bool):
