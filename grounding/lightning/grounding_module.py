@@ -25,7 +25,6 @@ With a plain ``CocoDetectionDataModule`` the module behaves as its parent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -33,13 +32,13 @@ from typing import Literal
 import torch
 from torchvision.ops import box_convert
 
-from grounding.lightning.image_module import LOGGED_TERMS, ImageGroundingModule
+from grounding.lightning.image_module import ImageGroundingModule
 from grounding.metrics.phrase_grounding import PhraseGroundingRecall
 from grounding.metrics.rec import ReferringExpressionAccuracy, ranking
 from grounding.models.adaptive_masking import MaskingConfig
-from grounding.models.denoising import DenoisingConfig, denoising_training
+from grounding.models.denoising import DenoisingConfig
 from grounding.models.freezing import FreezePart
-from grounding.models.grounding_dino import batch_label_maps, feature_masking, offset_class_labels, trained_proposals
+from grounding.models.grounding_dino import batch_label_maps, offset_class_labels
 from grounding.models.lora import LoraSettings
 from grounding.utils import write_json_atomic
 from grounding.visualize import detection_panel
@@ -156,13 +155,10 @@ class GroundingModule(ImageGroundingModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if "label_maps" not in batch:  # a COCO batch with the dataset's prompts
             return super().training_step(batch, batch_idx)
-        pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
         targets = batch["targets"]
-        self._check_batch(pixel_values, targets)
+        self._check_batch(batch["pixel_values"], targets)
         labels = [{"class_labels": t["class_labels"].to(self.device), "boxes": t["boxes"].to(self.device)} for t in targets]
         label_maps = [m.to(self.device) for m in batch["label_maps"]]
-        p = self.progress()
-        trained = self.hparams.get("proposal_loss", "trained") == "trained"
         queries = None
         if self.denoising is not None:
             rows = max(m.shape[0] for m in label_maps)
@@ -171,34 +167,9 @@ class GroundingModule(ImageGroundingModule):
             model_labels = offset_class_labels(labels, offsets)
             if queries is not None:  # the denoising loss reads the same stacked maps
                 queries.targets = offset_class_labels(queries.targets, offsets)
-            with feature_masking(self.detector, self.masking, p, pixel_mask), (
-                trained_proposals(self.detector) if trained else contextlib.nullcontext()
-            ), denoising_training(self.detector, queries):
-                outputs = self.detector(
-                    pixel_values=pixel_values,
-                    pixel_mask=pixel_mask,
-                    input_ids=batch["input_ids"].to(self.device),
-                    attention_mask=batch["attention_mask"].to(self.device),
-                    labels=model_labels,
-                )
-        total = outputs.loss
-        if self.denoising is not None and queries is None:
-            total = total + self.denoising.unused_term()  # no box in this batch: DDP still sees every parameter
-        loss = self.nonfinite(self, total * self._global_box_normalization(labels))
-        if loss is None:
-            return None
-        batch_size = pixel_values.shape[0]
-        self.log("train/loss", outputs.loss, prog_bar=True, batch_size=batch_size)
-        for name, value in outputs.loss_dict.items():
-            if name in LOGGED_TERMS:
-                self.log(f"train/{name}", value, batch_size=batch_size)
-        if self.masking.config.variant != "none":
-            self.log("mask/strength_k", float(self.masking.last_strength), batch_size=batch_size)
-            for level, ratio in sorted(self.masking.last_ratios.items()):
-                self.log(f"mask/ratio_level{level}", float(ratio), batch_size=batch_size)
-        if batch_idx == 0 and self.hparams.log_images:
-            self._log_masks(batch)
-        return loss
+            outputs = self._training_forward(batch, model_labels, queries, input_ids=batch["input_ids"].to(self.device),
+                                             attention_mask=batch["attention_mask"].to(self.device))
+        return self._training_loss(outputs, labels, queries, batch, batch_idx)
 
     # ----------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -282,30 +282,34 @@ class ImageGroundingModule(L.LightningModule):
         # Several prompts: one per step, in turn; the library's loss expects one prompt per batch.
         prompt_index = self.global_step % len(self.prompts)
         prompt = self.prompts[prompt_index]
-        pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
+        pixel_values = batch["pixel_values"]
         self._check_batch(pixel_values, batch["targets"])
         labels = self._labels(batch["targets"], prompt_index)
-        p = self.progress()
-        trained = self.hparams.get("proposal_loss", "trained") == "trained"
         queries = None
         if self.denoising is not None:
             queries = self.denoising.build(labels, len(prompt.category_ids), self.detector.config.num_queries)
-        with feature_masking(self.detector, self.masking, p, pixel_mask), (
+        outputs = self._training_forward(batch, labels, queries, **self._text_inputs(prompt, pixel_values.shape[0]))
+        return self._training_loss(outputs, labels, queries, batch, batch_idx)
+
+    def _training_forward(self, batch: dict, labels: list[dict], queries, **text_inputs):
+        """The detector's training forward pass (with its loss) under IMAGE masking at the current progress, the
+        trained proposal head (``proposal_loss: trained``) and the denoising queries (None: without)."""
+        trained = self.hparams.get("proposal_loss", "trained") == "trained"
+        with feature_masking(self.detector, self.masking, self.progress(), batch["pixel_mask"]), (
             trained_proposals(self.detector) if trained else contextlib.nullcontext()
         ), denoising_training(self.detector, queries):
-            outputs = self.detector(
-                pixel_values=pixel_values,
-                pixel_mask=pixel_mask,
-                labels=labels,
-                **self._text_inputs(prompt, pixel_values.shape[0]),
-            )
+            return self.detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=labels, **text_inputs)
+
+    def _training_loss(self, outputs, labels: list[dict], queries, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """The step's loss from the forward pass's (DDP box normalization, the non-finite guard: None skips the
+        step), with the loss terms, the masking statistics and, on the first batch, the mask pictures logged."""
         total = outputs.loss
         if self.denoising is not None and queries is None:
             total = total + self.denoising.unused_term()  # no box in this batch: DDP still sees every parameter
         loss = self.nonfinite(self, total * self._global_box_normalization(labels))
         if loss is None:
             return None
-        batch_size = pixel_values.shape[0]
+        batch_size = batch["pixel_values"].shape[0]
         self.log("train/loss", outputs.loss, prog_bar=True, batch_size=batch_size)
         for name, value in outputs.loss_dict.items():
             if name in LOGGED_TERMS:
