@@ -121,7 +121,14 @@ def test_slurm_files_and_cell_index(tmp_path):
     assert str(raised.value.code) == f"sweep: --cell -1 is out of range: {out / 'cells.json'} has 6 cells (0-5)"
 
 
-def test_table_is_mean_and_sample_std_over_finished_seeds(tmp_path, capsys):
+def test_table_is_mean_and_sample_std_over_finished_seeds(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from grounding.protocols import plots
+
+    drawn = {}
+    real_curves = plots.curve_with_spread
+    monkeypatch.setattr(plots, "curve_with_spread", lambda curves, path, *a, **k: (drawn.update(curves), real_curves(curves, path, *a, **k)))
     out = tmp_path / "sw"
     grid = sweep.cells([1, 5], None, [3, 30, 300])
     sweep.write_cells(grid, [], out)
@@ -158,6 +165,12 @@ def test_table_is_mean_and_sample_std_over_finished_seeds(tmp_path, capsys):
         "| 5 | 2 | 0.5500 ± 0.0707 | 0.7500 ± 0.0707 | 0.4750 ± 0.0354 |",
     ]
     assert (out / "table.md").read_text() == markdown and markdown in capsys.readouterr().out
+    # the plot: a PNG that PIL reads, drawn from the table's means and stds and each finished seed's value
+    assert Image.open(out / "plot.png").format == "PNG"
+    (k1, mean1, std1, seeds1), (k5, mean5, std5, seeds5) = drawn["AP"]
+    assert (k1, k5) == (1, 5) and seeds1 == [0.10, 0.20, 0.40] and seeds5 == [0.50, 0.60]
+    assert (mean1, std1) == pytest.approx(mean_std([0.10, 0.20, 0.40])) and mean5 == pytest.approx(0.55)
+    assert drawn["AP75"][0][3] == [0.05, 0.15]  # the undefined value is no dot
 
 
 def test_a_single_or_no_defined_value():

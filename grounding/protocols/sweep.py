@@ -23,7 +23,8 @@ Everything after ``--`` goes to ``grounding-train`` for every cell; each cell ad
   ``python -m grounding.protocols.sweep --out OUT --cell $SLURM_ARRAY_TASK_ID``, i.e. cell i of cells.json.
 - ``--collect`` (also at the end of the default mode and of every ``--cell``): ``OUT/table.md`` and
   ``OUT/table.csv``, one row per k (or fraction) with AP, AP50, AP75 of the trained model as mean ± sample
-  standard deviation (ddof = 1) over the seeds that finished (column n). A value that is undefined for a
+  standard deviation (ddof = 1) over the seeds that finished (column n), and ``OUT/plot.png``: the three
+  against k (or the fraction), mean ± std band and each seed's value. A value that is undefined for a
   seed (``null``) is left out of that mean and counted ("1 undefined").
 """
 
@@ -113,15 +114,22 @@ def run_training(args: list[str], cell_dir: Path) -> subprocess.CompletedProcess
     [choice] The process is ``python -m grounding.protocols.sweep --train -- ARGS`` rather than ``python -c``:
     Lightning's DDP launcher restarts a module's command line as it is, so a cell may use several devices.
     """
+    return run_module(["grounding.protocols.sweep", "--train"], args, cell_dir, "train")
+
+
+def run_module(launcher: list[str], args: list[str], cell_dir: Path, log: str) -> subprocess.CompletedProcess:
+    """``python -m LAUNCHER -- ARGS`` in a new process (``launcher``: a module and its flag that runs an entry
+    point), its output in ``cell_dir/<log>.out`` and ``<log>.err``; returns the exit code, the stdout and the
+    end of the stderr."""
     import grounding
 
     cell_dir.mkdir(parents=True, exist_ok=True)
-    out_file, err_file = cell_dir / "train.out", cell_dir / "train.err"
+    out_file, err_file = cell_dir / f"{log}.out", cell_dir / f"{log}.err"
     # the cell imports the same grounding as this process (not another copy that the environment may install)
     package_root = str(Path(grounding.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     with open(out_file, "w") as stdout, open(err_file, "w") as stderr:
-        command = [sys.executable, "-m", "grounding.protocols.sweep", "--train", "--", *args]
+        command = [sys.executable, "-m", *launcher, "--", *args]
         returncode = subprocess.run(command, stdout=stdout, stderr=stderr, env=env).returncode
     return subprocess.CompletedProcess(args, returncode, out_file.read_text(), _end_of(err_file))
 
@@ -133,28 +141,47 @@ def _end_of(path: Path, size: int = 65536) -> str:
         return handle.read().decode(errors="replace")
 
 
-def summary_line(stdout: str) -> dict | None:
-    """The summary that grounding-train prints last (a JSON object with "trained"), None if there is none."""
+def summary_line(stdout: str, key: str = "trained") -> dict | None:
+    """The summary that an entry point prints last (a JSON object with ``key``: "trained" for grounding-train,
+    "run_dir" for grounding-eval), None if there is none."""
     for line in reversed(stdout.strip().splitlines()):
         try:
             payload = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(payload, dict) and "trained" in payload:
+        if isinstance(payload, dict) and key in payload:
             return payload
     return None
 
 
-def run_cell(entry: dict, out: str | Path, runner: Runner = run_training) -> str:
+def _trained_scores(summary: dict) -> str:
+    trained = summary.get("trained", {})
+    return f"AP {_shown(trained.get('AP'))}  AP50 {_shown(trained.get('AP50'))}"
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """What a cell runs, for ``run_cell``: the words it prints, its log files, its summary line's key."""
+
+    verb: str  # "training"
+    log: str  # the log files' stem: <cell>/<log>.out, <log>.err
+    summary_key: str  # a key that only the entry point's summary line has
+    scores: Callable[[dict], str]  # the line printed from a finished cell's summary
+
+
+TRAINING = CellKind("training", "train", "trained", _trained_scores)
+
+
+def run_cell(entry: dict, out: str | Path, runner: Runner = run_training, kind: CellKind = TRAINING) -> str:
     """Run one entry of cells.json unless its summary.json exists; returns "skipped", "done" or "failed"."""
     cell_dir = Path(out) / entry["name"]
     summary_file, error_file = cell_dir / "summary.json", cell_dir / "error.txt"
     if summary_file.is_file():
         print(f"{entry['name']}: skipped, {summary_file} exists", flush=True)
         return "skipped"
-    print(f"{entry['name']}: training (output in {cell_dir}/train.out, train.err)", flush=True)
+    print(f"{entry['name']}: {kind.verb} (output in {cell_dir}/{kind.log}.out, {kind.log}.err)", flush=True)
     result = runner(entry["args"], cell_dir)
-    summary = summary_line(result.stdout) if result.returncode == 0 else None
+    summary = summary_line(result.stdout, kind.summary_key) if result.returncode == 0 else None
     if summary is None:
         reason = f"exit code {result.returncode}" if result.returncode else "exit code 0 but no summary line on stdout"
         stderr_tail = "\n".join((result.stderr or "").splitlines()[-STDERR_LINES:])
@@ -165,8 +192,7 @@ def run_cell(entry: dict, out: str | Path, runner: Runner = run_training) -> str
         return "failed"
     write_atomic(summary_file, lambda path: Path(path).write_text(json.dumps(summary, indent=1) + "\n"))
     error_file.unlink(missing_ok=True)  # an earlier failure of this cell is no longer the state
-    trained = summary.get("trained", {})
-    print(f"{entry['name']}: AP {_shown(trained.get('AP'))}  AP50 {_shown(trained.get('AP50'))}", flush=True)
+    print(f"{entry['name']}: {kind.scores(summary)}", flush=True)
     return "done"
 
 
@@ -316,6 +342,26 @@ def csv_table(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def plot(table: list[dict], rows: list[dict], path: Path) -> None:
+    """``path`` (PNG): each metric of METRICS against k (or the fraction), mean ± sample std over the seeds,
+    each seed's value as a dot; k on a log axis."""
+    from grounding.protocols.plots import curve_with_spread
+
+    curves = {}
+    for metric in METRICS:
+        curves[metric] = [
+            (row["value"], row[metric]["mean"], row[metric]["std"],
+             [float(r["summary"]["trained"][metric]) for r in rows
+              if r["value"] == row["value"] and r["setting"] == row["setting"] and r["summary"] is not None
+              and (r["summary"].get("trained") or {}).get(metric) is not None])
+            for row in table
+        ]
+    label = _label(table)
+    name = {"shots": "k (training images per category)", "fraction": "fraction of the training images"}.get(label, label)
+    curve_with_spread(curves, path, name, "box AP (val)", f"{label}: mean ± std over seeds",
+                      log_x=len({row["value"] for row in table}) > 2)
+
+
 def collect(out: str | Path) -> str:
     """Read the summaries of the cells of ``OUT/cells.json``, write table.md and table.csv, print and return
     the Markdown table."""
@@ -329,6 +375,8 @@ def collect(out: str | Path) -> str:
     markdown, comma_separated = markdown_table(table), csv_table(table)
     write_atomic(out / "table.md", lambda p: Path(p).write_text(markdown))
     write_atomic(out / "table.csv", lambda p: Path(p).write_text(comma_separated))
+    if table:
+        plot(table, rows, out / "plot.png")
     print(markdown, end="", flush=True)
     return markdown
 
