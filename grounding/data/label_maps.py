@@ -1,5 +1,6 @@
 """Label maps on disk: label PNGs of class indices, the class list that names their values, the split lists
-that name their images, and the PASCAL VOC palette they are drawn in.
+that name their images, the class-name files with synonyms that prompt their classes, and the PASCAL VOC
+palette they are drawn in.
 
 A label map holds one class index per pixel; ``IGNORE_INDEX`` (255, ``grounding.constants``) marks pixels
 that count in no class. The readers of region data (``region_readers``), of semantic segmentation
@@ -57,6 +58,26 @@ def reduce_zero_label(labels: np.ndarray) -> np.ndarray:
     return np.where((labels == 0) | (labels == IGNORE_INDEX), IGNORE_INDEX, labels - 1)
 
 
+COCO_STUFF_THINGS = 80
+"""COCO-Stuff-164k's train ids 0..79 are COCO's thing classes; 80..170 its stuff classes."""
+
+
+def coco_stuff_to_object(labels: np.ndarray) -> np.ndarray:
+    """COCO-Stuff train ids -> COCO-Object, as the benchmark's converter does: things 0..79 -> 1..80, stuff
+    80..170 -> 0 (background), IGNORE_INDEX stays. labels: (H, W) int. A value above 170 is kept as it is, so
+    that the check against the 81 classes reports it."""
+    things = labels < COCO_STUFF_THINGS
+    stuff = (labels >= COCO_STUFF_THINGS) & (labels <= 170)
+    return np.where(things, labels + 1, np.where(stuff, 0, labels))
+
+
+LABEL_CONVERSIONS = {
+    "reduce_zero_label": (reduce_zero_label, "0 -> 255, v -> v - 1"),
+    "coco_stuff_to_object": (coco_stuff_to_object, "things 0..79 -> 1..80, stuff 80..170 -> 0"),
+}
+"""Conversions of a label PNG's values to label values: name -> (function on (H, W) labels, what it does)."""
+
+
 def check_label_values(labels: np.ndarray, num_classes: int, where: str) -> None:
     """ValueError naming ``where`` when a label of ``labels`` (H, W) is neither in [0, num_classes) nor IGNORE_INDEX."""
     values = np.unique(labels)
@@ -84,6 +105,47 @@ def read_class_names(classes_file: str | Path) -> list[str]:
         if not line.strip():
             raise ValueError(f"classes file {path}: line {number} is empty (the line index is the label value)")
     return [" ".join(line.lower().split()) for line in lines]
+
+
+SYNONYMS_DIR = Path(__file__).with_name("class_names")
+"""The built-in class-name files with synonyms (package data), ``<name>.txt``."""
+
+BUILTIN_SYNONYMS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k")
+"""The built-in synonyms files: the class words of the training-free segmentation benchmarks as SCLIP, ClearCLIP
+and NACLIP prompt them (e.g. VOC's "person" also as "person in shirt", ...; the background of VOC21 and
+COCO-Object as "sky, wall, tree, ...")."""
+
+
+def synonyms_path(path_or_builtin: str | Path) -> Path:
+    """The file of a built-in name of ``BUILTIN_SYNONYMS`` (``"voc21"``), else ``path_or_builtin`` as a path."""
+    if str(path_or_builtin) in BUILTIN_SYNONYMS:
+        return SYNONYMS_DIR / f"{path_or_builtin}.txt"
+    return Path(path_or_builtin)
+
+
+def read_class_synonyms(path_or_builtin: str | Path) -> list[list[str]]:
+    """The synonyms of each class of a class-name file: one line per label value, its words separated by ", "
+    (``person, person in shirt, person in jeans``); trailing blank lines are ignored. ``path_or_builtin`` is a
+    file or a name of ``BUILTIN_SYNONYMS``. Errors name the file: missing, no class, an empty line (the line
+    index is the label value) or an empty synonym."""
+    path = synonyms_path(path_or_builtin)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"synonyms file not found: {path} (built-in lists: {', '.join(BUILTIN_SYNONYMS)})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"synonyms file {path} lists no class")
+    synonyms = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"synonyms file {path}: line {number} is empty (the line index is the label value)")
+        words = [" ".join(word.split()) for word in line.split(",")]
+        if not all(words):
+            raise ValueError(f"synonyms file {path}: line {number} has an empty synonym: {line!r}")
+        synonyms.append(words)
+    return synonyms
 
 
 def read_image_list(path: str | Path) -> list[str]:
@@ -119,6 +181,19 @@ def label_folder_stems(image_dir: str | Path, label_dir: str | Path, image_list:
     if not labels:
         raise ValueError(f"label folder {label_dir} has no PNG")
     return sorted(labels | {p.stem for p in image_dir.iterdir() if p.suffix in IMAGE_SUFFIXES})
+
+
+def files_by_key(folder: str | Path, suffix: str, nested: bool = False) -> dict[str, Path]:
+    """The files ``folder/<key><suffix>`` (``nested``: ``folder/<subfolder>/<key><suffix>``, Cityscapes' city
+    folders), by key: the file name without ``suffix``."""
+    pattern = f"*/*{suffix}" if nested else f"*{suffix}"
+    found: dict[str, Path] = {}
+    for path in sorted(Path(folder).glob(pattern)):
+        key = path.name[: -len(suffix)]
+        if key in found:  # two subfolders holding the same name: one image id would stand for two images
+            raise ValueError(f"{folder}: two files named {path.name}: {found[key]} and {path}")
+        found[key] = path
+    return found
 
 
 # ------------------------------------------------------------------------------------- palette

@@ -4,18 +4,25 @@ input of open-vocabulary segmentation methods (InvSeg, GEM) scored by mIoU.
 ``SegmentationDataset`` reads a record of ``grounding.data.segmentation_readers`` per sample (the image and
 its label map, at the image's own size); ``SegmentationDataModule`` picks the reader by ``format``:
 
-- ``voc``: PASCAL VOC 2012 (``load_voc``);
-- ``folder``: any image folder and label-PNG folder with a classes file: Pascal Context-59, ADE20K-150
-  exports (``load_label_folder``, ``reduce_zero_label`` for ADE20K's PNGs);
+- ``voc``: PASCAL VOC 2012 (``load_voc``), VOC21; ``voc20``: the same without background (``load_voc20``);
+- ``context60`` / ``context59``: PASCAL Context as mmsegmentation converts it, with / without background
+  (``load_context60``, ``load_context59``);
+- ``coco_stuff``: COCO-Stuff-164k's 171 classes (``load_coco_stuff``); ``coco_object_stuff``: COCO-Object made
+  from the same label maps, background + 80 things (``load_coco_object_stuff``);
+- ``cityscapes``: Cityscapes' 19 train ids (``load_cityscapes``);
+- ``folder``: any image folder and label-PNG folder with a classes file: ADE20K-150 and other exports
+  (``load_label_folder``, ``reduce_zero_label`` for ADE20K's PNGs);
 - ``coco_object``: COCO-Object, painted from a COCO instances file (``load_coco_object``);
 - ``synthetic``: the project's synthetic dataset, generated on first use (``load_synthetic_segmentation``).
 
 What each reader checks and skips is in its module; the skips are logged when the DataModule is set up.
+``synonyms`` names a class-name file with synonyms (``label_maps.read_class_synonyms``): the words that
+prompt each class, ``class_synonyms``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -23,19 +30,36 @@ import torch
 from grounding.constants import IGNORE_INDEX
 from grounding.data.evaluation import EvaluationDataModule, LabelMapOutput, RecordDataset
 from grounding.data.images import image_tensor, read_rgb_image
+from grounding.data.label_maps import read_class_synonyms, synonyms_path
 from grounding.data.segmentation_readers import (
     VOC_PROMPT_NAMES,
     SegmentationRecord,
     check_records,
     check_same_size,
+    load_cityscapes,
     load_coco_object,
+    load_coco_object_stuff,
+    load_coco_stuff,
+    load_context59,
+    load_context60,
     load_label_folder,
     load_synthetic_segmentation,
     load_voc,
+    load_voc20,
 )
 from grounding.data.skips import SkipReport
 
-FORMATS = ("voc", "folder", "coco_object", "synthetic")
+Format = Literal[
+    "voc", "voc20", "context60", "context59", "coco_stuff", "coco_object_stuff", "cityscapes", "folder", "coco_object",
+    "synthetic",
+]
+FORMATS = get_args(Format)
+
+ROOT_READERS = {
+    "voc20": load_voc20, "context60": load_context60, "context59": load_context59, "coco_stuff": load_coco_stuff,
+    "coco_object_stuff": load_coco_object_stuff, "cityscapes": load_cityscapes,
+}
+"""The formats read from a dataset folder ``root`` and a split alone: format -> reader(root, split)."""
 
 
 # ------------------------------------------------------------------------------------- dataset
@@ -72,16 +96,23 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
     yield lists of ``SegmentationDataset`` samples.
 
     Args:
-        format: voc | folder | coco_object | synthetic (see the module docstring).
-        split: the split served: voc: ``ImageSets/Segmentation/<split>.txt``; synthetic: its folder.
-        root: voc: the ``VOC2012`` folder.
+        format: voc | voc20 | context60 | context59 | coco_stuff | coco_object_stuff | cityscapes | folder |
+            coco_object | synthetic (see the module docstring).
+        split: the split served: voc, voc20: ``ImageSets/Segmentation/<split>.txt``; context60, context59:
+            ``ImageSets/SegmentationContext/<split>.txt``; coco_stuff, coco_object_stuff: the folders
+            ``images/<split>``, ``annotations/<split>`` (``val2017``); cityscapes: ``leftImg8bit/<split>``,
+            ``gtFine/<split>``; synthetic: its folder.
+        root: voc, voc20: the ``VOC2012`` folder; context60, context59: the ``VOC2010`` folder; coco_stuff,
+            coco_object_stuff: COCO-Stuff's folder (``images/``, ``annotations/``); cityscapes: its folder.
         image_dir: folder: the images; coco_object: the folder the file's ``file_name``s are relative to.
         label_dir, image_list: folder: the label PNGs and (optional) the stems to read.
         classes_file: one class name a line, line index = label value (folder: required; voc: optional).
         reduce_zero_label: folder: 0 -> 255 and v -> v - 1 (ADE20K's PNGs).
         annotation_file: coco_object: the COCO instances file.
         class_names: names to use instead of the data's (same count), e.g. words a prompt reads better.
-        prompt_names: voc with the built-in classes: use ``VOC_PROMPT_NAMES`` ("dining table", ...).
+        prompt_names: voc, voc20 with the built-in classes: use ``VOC_PROMPT_NAMES`` ("dining table", ...).
+        synonyms: a class-name file with synonyms or a built-in name (``label_maps.BUILTIN_SYNONYMS``: voc21,
+            voc20, context60, ...): one line per class, its words separated by ", "; sets ``class_synonyms``.
         synthetic_root, synthetic: synthetic: the dataset's folder, generated there if absent with the
             generator settings ``synthetic`` (as in the other DataModules).
         limit: only the first N images (quick runs).
@@ -91,7 +122,7 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
 
     def __init__(
         self,
-        format: Literal["voc", "folder", "coco_object", "synthetic"] = "synthetic",
+        format: Format = "synthetic",
         split: str = "val",
         root: str | None = None,
         image_dir: str | None = None,
@@ -102,6 +133,7 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
         annotation_file: str | None = None,
         class_names: list[str] | None = None,
         prompt_names: bool = False,
+        synonyms: str | None = None,
         synthetic_root: str | None = "data/synthetic",
         synthetic: dict | None = None,
         limit: int | None = None,
@@ -113,17 +145,19 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
         self.save_hyperparameters()
         self.check_format(format, FORMATS)
         required = {
-            "voc": ("root",), "folder": ("image_dir", "label_dir", "classes_file"),
-            "coco_object": ("annotation_file", "image_dir"), "synthetic": ("synthetic_root",),
-        }[format]
+            "folder": ("image_dir", "label_dir", "classes_file"), "coco_object": ("annotation_file", "image_dir"),
+            "synthetic": ("synthetic_root",),
+        }.get(format, ("root",))
         self.check_required(format, required, self.hparams)
         if reduce_zero_label and format != "folder":
             raise ValueError(f"reduce_zero_label applies to format 'folder' only; got format {format!r}")
-        if prompt_names and (format != "voc" or classes_file or class_names):
-            raise ValueError("prompt_names applies to format 'voc' with its built-in classes (no classes_file, no class_names)")
+        if prompt_names and (format not in ("voc", "voc20") or classes_file or class_names):
+            raise ValueError("prompt_names applies to formats 'voc', 'voc20' with their built-in classes (no classes_file, no class_names)")
         self.check_loader_settings(split, limit, batch_size, num_workers)
         if class_names is not None and (not class_names or not all(isinstance(n, str) and n.strip() for n in class_names)):
             raise ValueError(f"class_names must be a list of non-empty names; got {class_names!r}")
+        # read now: a wrong name or a broken file fails before any model is loaded
+        self._synonyms = read_class_synonyms(synonyms) if synonyms is not None else None
         self.dataset: SegmentationDataset | None = None
         self.report: SkipReport | None = None
         self._background_index: int | None = None
@@ -132,6 +166,8 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
         h = self.hparams
         if h.format == "voc":
             return load_voc(h.root, h.split, h.classes_file)
+        if h.format in ROOT_READERS:
+            return ROOT_READERS[h.format](h.root, h.split)
         if h.format == "folder":
             return load_label_folder(h.image_dir, h.label_dir, h.classes_file, h.image_list, h.reduce_zero_label)
         if h.format == "coco_object":
@@ -148,8 +184,12 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
             raise ValueError(f"{report.source}: {len(names)} classes, but label value {IGNORE_INDEX} means ignore (at most {IGNORE_INDEX})")
         # the first class is background when the data says so (VOC, COCO-Object, synthetic, Context-60)
         self._background_index = 0 if names[0] == "background" else None
+        if self._synonyms is not None and len(self._synonyms) != len(names):
+            raise ValueError(
+                f"synonyms file {synonyms_path(h.synonyms)} has {len(self._synonyms)} lines but the {h.format} data has {len(names)} classes"
+            )
         if h.prompt_names:
-            names = list(VOC_PROMPT_NAMES)
+            names = list(VOC_PROMPT_NAMES) if h.format == "voc" else list(VOC_PROMPT_NAMES[1:])
         if h.class_names is not None:
             if len(h.class_names) != len(names):
                 raise ValueError(
@@ -175,3 +215,12 @@ class SegmentationDataModule(LabelMapOutput, EvaluationDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def class_synonyms(self) -> list[list[str]]:
+        """The words that prompt each class (index = label value): the lines of ``synonyms``, else each class
+        name alone (``[[name] for name in class_names]``)."""
+        if self.dataset is None:
+            self.setup()
+        if self._synonyms is None:
+            return [[name] for name in self.dataset.class_names]
+        return [list(words) for words in self._synonyms]

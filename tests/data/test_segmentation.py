@@ -4,6 +4,7 @@ pycocotools paint, the synthetic set, every bad input's message and the counted 
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,15 @@ from pycocotools.coco import COCO
 from grounding.constants import IGNORE_INDEX
 from grounding.data import synthetic as syn
 from grounding.data.images import ImageReadError
-from grounding.data.label_maps import voc_palette
+from grounding.data.label_maps import BUILTIN_SYNONYMS, SYNONYMS_DIR, read_class_synonyms, voc_palette
 from grounding.data.segmentation import SegmentationDataModule
 from grounding.data.segmentation_readers import (
+    CITYSCAPES_CLASSES,
+    COCO_OBJECT_CLASSES,
+    COCO_STUFF_CLASSES,
+    CONTEXT59_CLASSES,
+    CONTEXT60_CLASSES,
+    VOC20_CLASSES,
     VOC_CLASSES,
     VOC_PROMPT_NAMES,
     load_coco_object,
@@ -364,5 +371,246 @@ def test_the_parser_lists_the_formats_a_typo_is_not_one_of():
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(SegmentationDataModule, "data")
     assert parser.parse_args(["--data.format", "voc"]).data.format == "voc"
-    with pytest.raises(Exception, match=r"data.format[\s\S]*Literal\['voc', 'folder', 'coco_object', 'synthetic'\]. Got value: vocx"):
+    formats = ("'voc', 'voc20', 'context60', 'context59', 'coco_stuff', 'coco_object_stuff', 'cityscapes', 'folder', "
+               "'coco_object', 'synthetic'")
+    with pytest.raises(Exception, match=r"data.format[\s\S]*Literal\[" + re.escape(formats) + r"\]. Got value: vocx"):
         parser.parse_args(["--data.format", "vocx"])
+
+
+# ------------------------------------------------------------------------------------- the benchmarks' layouts
+def converted(labels, convert_value):
+    """The label map with ``convert_value`` applied pixel by pixel: the direct loop the readers must equal."""
+    out = np.empty_like(labels)
+    for (y, x), value in np.ndenumerate(labels):
+        out[y, x] = convert_value(int(value))
+    return out
+
+
+def without_background(value):
+    """VOC20 / Context-59: 0 (background) -> 255, v -> v - 1, 255 stays."""
+    return 255 if value in (0, 255) else value - 1
+
+
+def coco_object_of_stuff(value):
+    """COCO-Object from COCO-Stuff train ids: things 0..79 -> 1..80, stuff 80..170 -> 0, 255 stays."""
+    return 255 if value == 255 else (value + 1 if value < 80 else 0)
+
+
+def random_labels(num_values, seed, fixed=()):
+    """(8, 10) values in 0..num_values-1 with a few 255, and the (row, value) pairs of ``fixed`` written into row 0."""
+    labels = np.random.default_rng(seed).integers(0, num_values, (8, 10))
+    labels[7, :3] = 255
+    for column, value in enumerate(fixed):
+        labels[0, column] = value
+    return labels
+
+
+def context_root(tmp_path):
+    """VOC2010 as mmsegmentation's converter writes Pascal Context: x, y (8x10, labels 0..59 and 255)."""
+    root = tmp_path / "VOC2010"
+    for folder in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (root / folder).mkdir(parents=True)
+    for seed, stem in enumerate(("x", "y")):
+        save_image(root / "JPEGImages" / f"{stem}.jpg", 10, 8, seed=seed)
+        save_label_png(root / "SegmentationClassContext" / f"{stem}.png", random_labels(60, seed, (0, 59)))
+    (root / "ImageSets" / "SegmentationContext" / "val.txt").write_text("x\ny\n")
+    return root
+
+
+def coco_stuff_root(tmp_path, values=None):
+    """COCO-Stuff-164k converted to train ids: two val2017 images with their _labelTrainIds.png, the raw
+    <stem>.png beside them (not read), and a label without its image."""
+    root = tmp_path / "coco_stuff164k"
+    images, labels = root / "images" / "val2017", root / "annotations" / "val2017"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for seed, stem in enumerate(("000000000139", "000000000285")):
+        save_image(images / f"{stem}.jpg", 10, 8, seed=seed)
+        train_ids = values if values is not None else random_labels(171, seed, (0, 5, 79, 80, 170))
+        save_label_png(labels / f"{stem}_labelTrainIds.png", train_ids, palette=False)
+        save_label_png(labels / f"{stem}.png", np.full((8, 10), 181), palette=False)
+    save_label_png(labels / "000000000632_labelTrainIds.png", np.zeros((8, 10)), palette=False)
+    return root
+
+
+def cityscapes_root(tmp_path):
+    """Cityscapes: one val image in each of two cities with its gtFine train-id map (and the labelIds map
+    beside it, not read), and an image without its label."""
+    root = tmp_path / "cityscapes"
+    for seed, (city, name) in enumerate((("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313"))):
+        (root / "leftImg8bit" / "val" / city).mkdir(parents=True)
+        (root / "gtFine" / "val" / city).mkdir(parents=True)
+        save_image(root / "leftImg8bit" / "val" / city / f"{name}_leftImg8bit.png", 10, 8, seed=seed)
+        save_label_png(root / "gtFine" / "val" / city / f"{name}_gtFine_labelTrainIds.png", random_labels(19, seed, (0, 18)), palette=False)
+        save_label_png(root / "gtFine" / "val" / city / f"{name}_gtFine_labelIds.png", np.full((8, 10), 33), palette=False)
+    save_image(root / "leftImg8bit" / "val" / "bochum" / "bochum_000001_000000_leftImg8bit.png", 10, 8)
+    return root
+
+
+def read_png(path):
+    return np.asarray(Image.open(path)).astype(np.int64)
+
+
+def test_voc20_drops_the_background_and_shifts_the_classes(voc_root):
+    data, samples = datamodule_samples(format="voc20", root=str(voc_root))
+    assert data.num_classes == 20 and data.class_names == list(VOC_CLASSES[1:]) and data.background_index is None
+    for sample in samples:
+        png = read_png(voc_root / "SegmentationClass" / f"{sample['image_id']}.png")
+        assert torch.equal(sample["labels"], torch.from_numpy(converted(png, without_background)))
+    assert samples[0]["present"] == [14]  # VOC's person (15) is VOC20's 14; background is ignored
+    assert data.report.counts == {"missing label PNG": 1, "missing image": 1}
+    prompts = SegmentationDataModule(format="voc20", root=str(voc_root), prompt_names=True).class_names
+    assert prompts[10] == "dining table" and prompts[19] == "tv monitor" and len(prompts) == 20
+
+
+@pytest.mark.parametrize("format, num_classes, convert", [("context60", 60, lambda v: v), ("context59", 59, without_background)])
+def test_pascal_context_with_and_without_background(tmp_path, format, num_classes, convert):
+    root = context_root(tmp_path)
+    data, samples = datamodule_samples(format=format, root=str(root))
+    assert data.num_classes == num_classes and data.class_names[-1] == "wood" and "pottedplant" in data.class_names
+    assert data.background_index == (0 if format == "context60" else None)
+    assert [s["image_id"] for s in samples] == ["x", "y"]
+    for sample in samples:
+        png = read_png(root / "SegmentationClassContext" / f"{sample['image_id']}.png")
+        assert torch.equal(sample["labels"], torch.from_numpy(converted(png, convert)))
+
+
+@pytest.mark.parametrize("format", ["coco_stuff", "coco_object_stuff"])
+def test_coco_stuff_and_the_coco_object_made_from_it(tmp_path, format):
+    root = coco_stuff_root(tmp_path)
+    data, samples = datamodule_samples(format=format, root=str(root), split="val2017")
+    assert [s["image_id"] for s in samples] == ["000000000139", "000000000285"]
+    assert data.report.counts == {"missing image": 1}
+    convert = (lambda v: v) if format == "coco_stuff" else coco_object_of_stuff
+    for sample in samples:
+        png = read_png(root / "annotations" / "val2017" / f"{sample['image_id']}_labelTrainIds.png")
+        assert torch.equal(sample["labels"], torch.from_numpy(converted(png, convert)))
+    if format == "coco_stuff":
+        assert data.num_classes == 171 and data.background_index is None
+        assert (data.class_names[0], data.class_names[79], data.class_names[80], data.class_names[170]) == (
+            "person", "toothbrush", "banner", "wood")
+    else:  # train ids 0, 5, 79, 80, 170 in row 0: person, bus, toothbrush, then two stuff classes
+        assert data.num_classes == 81 and data.background_index == 0
+        assert data.class_names[:3] == ["background", "person", "bicycle"] and data.class_names[80] == "toothbrush"
+        assert samples[0]["labels"][0, :5].tolist() == [1, 6, 80, 0, 0]
+
+
+def test_coco_object_stuff_rejects_a_value_beyond_the_171_train_ids(tmp_path):
+    values = np.zeros((8, 10), dtype=np.int64)
+    values[2, 2] = 200
+    root = coco_stuff_root(tmp_path, values)
+    data = SegmentationDataModule(format="coco_object_stuff", root=str(root), split="val2017")
+    data.setup()
+    png = root / "annotations" / "val2017" / "000000000139_labelTrainIds.png"
+    with pytest.raises(ValueError, match=re.escape(
+        f"label PNG {png} (after coco_stuff_to_object: things 0..79 -> 1..80, stuff 80..170 -> 0) has label value 200"
+        " but the class list has 81 classes"
+    )):
+        data.dataset[0]
+
+
+def test_cityscapes_pairs_the_city_folders(tmp_path):
+    root = cityscapes_root(tmp_path)
+    data, samples = datamodule_samples(format="cityscapes", root=str(root))
+    assert data.num_classes == 19 and data.background_index is None
+    assert data.class_names[6] == "traffic light" and data.class_names[18] == "bicycle"
+    assert [s["image_id"] for s in samples] == ["aachen_000000_000019", "bochum_000000_000313"]
+    assert data.report.counts == {"missing label PNG": 1}
+    for sample in samples:
+        city = sample["image_id"].split("_")[0]
+        png = read_png(root / "gtFine" / "val" / city / f"{sample['image_id']}_gtFine_labelTrainIds.png")
+        assert torch.equal(sample["labels"], torch.from_numpy(png))
+        assert sample["path"] == str(root / "leftImg8bit" / "val" / city / f"{sample['image_id']}_leftImg8bit.png")
+
+
+@pytest.mark.parametrize("format, build, label_dir, what", [
+    ("voc20", None, "SegmentationClass", "VOC label folder"),
+    ("context60", context_root, "SegmentationClassContext", "Pascal Context label folder"),
+    ("context59", context_root, "SegmentationClassContext", "Pascal Context label folder"),
+    ("coco_stuff", coco_stuff_root, "annotations/val2017", "COCO-Stuff label folder"),
+    ("coco_object_stuff", coco_stuff_root, "annotations/val2017", "COCO-Stuff label folder"),
+    ("cityscapes", cityscapes_root, "gtFine/val", "Cityscapes label folder"),
+])
+def test_a_missing_label_folder_is_an_error_naming_it(tmp_path, voc_root, format, build, label_dir, what):
+    import shutil
+
+    root = voc_root if build is None else build(tmp_path)
+    shutil.rmtree(root / label_dir)
+    split = "val2017" if "coco" in format else "val"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{what} not found: {root / label_dir}")):
+        SegmentationDataModule(format=format, root=str(root), split=split).setup()
+
+
+# ------------------------------------------------------------------------------------- synonyms
+BUILTIN_COUNTS = {"voc21": VOC_CLASSES, "voc20": VOC20_CLASSES, "context60": CONTEXT60_CLASSES, "context59": CONTEXT59_CLASSES,
+                  "coco_object": COCO_OBJECT_CLASSES, "coco_stuff": COCO_STUFF_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
+
+
+def squeezed(name):
+    return name.replace(" ", "")
+
+
+def test_the_builtin_synonym_files_have_a_line_per_class_of_their_format():
+    assert set(BUILTIN_SYNONYMS) == set(BUILTIN_COUNTS) | {"ade20k"}
+    assert len(read_class_synonyms("ade20k")) == 150
+    for name, classes in BUILTIN_COUNTS.items():
+        synonyms = read_class_synonyms(name)
+        assert len(synonyms) == len(classes), name
+        assert all(words and all(words) for words in synonyms), name
+    # the published words against the class tuples, typed apart: the same classes in the same order
+    assert [w[0] for w in read_class_synonyms("context60")] == list(CONTEXT60_CLASSES)
+    assert [w[0] for w in read_class_synonyms("coco_object")][1:] == list(COCO_OBJECT_CLASSES[1:])
+    assert [squeezed(w[0]) for w in read_class_synonyms("coco_stuff")] == [squeezed(n) for n in COCO_STUFF_CLASSES]
+    assert [squeezed(w[0]) for w in read_class_synonyms("cityscapes")] == [squeezed(n) for n in CITYSCAPES_CLASSES]
+    voc21 = read_class_synonyms("voc21")
+    assert voc21[1:] == read_class_synonyms("voc20") and voc21[0][:3] == ["sky", "wall", "tree"]
+    assert voc21[15][:2] == ["person", "person in shirt"] and len(voc21[15]) == 7
+    assert voc21[20] == ["television monitor", "tv monitor", "monitor", "television", "screen"]
+
+
+def test_class_synonyms_default_to_the_names_and_follow_the_file(voc_root, tmp_path):
+    plain = SegmentationDataModule(format="voc", root=str(voc_root), prompt_names=True)
+    assert plain.class_synonyms == [[name] for name in VOC_PROMPT_NAMES]
+    data = SegmentationDataModule(format="voc", root=str(voc_root), synonyms="voc21")
+    assert data.class_synonyms == read_class_synonyms("voc21") and data.class_synonyms[4] == ["ship"]
+    own = tmp_path / "mine.txt"
+    own.write_text("\n".join(["background"] + [f"thing {i}, item  {i}" for i in range(1, 21)]) + "\n\n")
+    assert SegmentationDataModule(format="voc", root=str(voc_root), synonyms=str(own)).class_synonyms[3] == ["thing 3", "item 3"]
+
+
+def test_synonym_file_errors_name_the_file(voc_root, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("cat\ndog, puppy\n")
+    with pytest.raises(ValueError, match=re.escape(f"synonyms file {short} has 2 lines but the voc20 data has 20 classes")):
+        SegmentationDataModule(format="voc20", root=str(voc_root), synonyms=str(short)).setup()
+    with pytest.raises(ValueError, match=re.escape(f"synonyms file {SYNONYMS_DIR / 'voc21.txt'} has 21 lines but the voc20 data has 20 classes")):
+        SegmentationDataModule(format="voc20", root=str(voc_root), synonyms="voc21").setup()
+    (tmp_path / "gap.txt").write_text("cat\n\ndog\n")
+    with pytest.raises(ValueError, match=re.escape(f"synonyms file {tmp_path / 'gap.txt'}: line 2 is empty")):
+        read_class_synonyms(tmp_path / "gap.txt")
+    (tmp_path / "comma.txt").write_text("cat\ndog, , puppy\n")
+    with pytest.raises(ValueError, match=re.escape(f"synonyms file {tmp_path / 'comma.txt'}: line 2 has an empty synonym: 'dog, , puppy'")):
+        read_class_synonyms(tmp_path / "comma.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"synonyms file not found: voc22 (built-in lists: {', '.join(BUILTIN_SYNONYMS)})")):
+        SegmentationDataModule(format="voc", root=str(voc_root), synonyms="voc22")
+
+
+GEM_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "gem").glob("*.yaml"))
+CONFIG_CLASSES = {"voc": 21, "voc20": 20, "context": 59, "context60": 60, "coco_stuff": 171, "coco_object": 81,
+                  "coco_object_stuff": 81, "cityscapes": 19, "ade20k": 150}
+
+
+@pytest.mark.parametrize("config", [c for c in GEM_CONFIGS if c.stem in CONFIG_CLASSES], ids=lambda c: c.stem)
+def test_each_benchmark_config_parses_and_its_synonyms_fit_its_classes(config):
+    """Every benchmark config's data section as the command line parses it, and a synonyms line per class."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    section = yaml.safe_load(config.read_text())["data"]
+    assert section["class_path"] == "grounding.data.segmentation.SegmentationDataModule"
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SegmentationDataModule, "data")
+    settings = parser.parse_object({"data": section["init_args"]}).data
+    data = SegmentationDataModule(**vars(settings))
+    assert len(read_class_synonyms(settings.synonyms)) == CONFIG_CLASSES[config.stem]
+    assert data.hparams.synonyms == settings.synonyms
