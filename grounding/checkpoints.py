@@ -52,6 +52,7 @@ SAFE_CLASS_PATHS = (
     "grounding.models.lora.LoraSettings",
     "grounding.models.invseg_inversion.InversionSettings",
     "grounding.models.invseg_inversion.BaselineSettings",
+    "grounding.data.category_lists.CategoryFile",
     "grounding.models.maskinversion.MaskInversionSettings",
     "grounding.models.mimic.vlm.VLMSettings",
     "grounding.models.mimic.priors.PriorSettings",

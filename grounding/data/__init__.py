@@ -28,6 +28,7 @@ Package layout (one concern per module):
     region_views.py          the baselines' views of a region: crops, masked crops, a red circle
     segmentation_readers.py  label-map records of VOC, label-PNG folders (Context, ADE20K), COCO-Object, synthetic
     segmentation.py          SegmentationDataset and SegmentationDataModule
+    category_lists.py        per-image category lists of a JSON file (captioner / classifier predictions)
     openimages_points.py     OpenImages V7 point labels: the CSV readers, dataset and OpenImagesPointsDataModule
     concepts.py              MIMIC's concept targets: the targets file, the synthetic concepts, ConceptDataModule
     image_folder.py          image files, folders and path lists to predict on: ImageFolderDataModule

@@ -1,5 +1,7 @@
 """The InvSeg LightningModule on the tiny random Stable Diffusion and the synthetic label maps."""
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from grounding.data.category_lists import CategoryFile
 from grounding.data.segmentation import SegmentationDataModule
 from grounding.lightning.invseg_module import InvSegModule
 from grounding.lightning.label_writer import LabelMapWriter
@@ -215,3 +218,130 @@ def test_an_odd_sized_grey_image_gets_a_label_map_of_its_own_size(synthetic_root
     sample = {"image": grey.expand(3, -1, -1), "image_id": "odd", "present": [0, 1]}
     result = module.segment(sample)
     assert result["labels"].shape == (37, 53) and result["after"].shape == (3, 8, 8)
+
+
+# ------------------------------------------------------------------------------------- categories from a file
+SHAPES = ["background", "red circle", "red square", "red triangle", "blue circle", "blue square", "blue triangle"]
+
+
+def write_json(folder: Path, value) -> str:
+    path = folder / "categories.json"
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def file_module(data, path: str, **spec) -> InvSegModule:
+    module = InvSegModule(**SMALL, categories=CategoryFile(path, **spec))
+    module.classes_from(data)
+    return module
+
+
+@pytest.mark.parametrize("key", ["image id", "file name", "path"])
+def test_categories_from_a_file_are_the_images_listed_classes_with_the_background_first(synthetic_root, tmp_path, key):
+    """Names, aliases and label values; an empty list is the background alone; an id the data lacks is fine."""
+    data = datamodule(synthetic_root)
+    data.setup()
+    names, samples = data.class_names, [data.dataset[i] for i in range(len(data.dataset))]
+    assert names == SHAPES
+    listed, expected = {"not an image of the split.jpg": [1]}, {}
+    for i, sample in enumerate(samples):
+        entries = [names[1 + (i + 2) % 6], names[1 + i % 6]]  # two foreground classes, not in label order
+        if i == 1:
+            entries = [1 + i % 6, "background", 1 + (i + 2) % 6]  # label values, and the background named
+        if i == 2:
+            entries = ["red ball", names[1 + (i + 2) % 6]]  # an alias
+        if i == 3:
+            entries = []
+        name = Path(sample["path"]).name
+        keys = {"image id": sample["image_id"], "file name": name, "path": f"/elsewhere/JPEGImages/{name}"}
+        listed[keys[key]] = entries
+        values = {v if isinstance(v, int) else names.index({"red ball": "red circle"}.get(v, v)) for v in entries}
+        expected[sample["image_id"]] = [0] + sorted(values - {0})
+    module = file_module(data, write_json(tmp_path, listed), aliases={"red ball": "red circle"})
+    for sample in reversed(samples):  # each image by its own id: any order, any process
+        assert module.categories_of(sample) == expected[sample["image_id"]]
+    assert expected[samples[3]["image_id"]] == [0]
+
+
+def test_a_file_of_sections_joins_the_chosen_ones(synthetic_root, tmp_path):
+    """DiffSegmenter's and iSeg's files: the image_similarity and text_similarity lists joined by default."""
+    data = datamodule(synthetic_root)
+    data.setup()
+    sections = {"synonym_matching": {}, "image_similarity": {}, "text_similarity": {}}
+    for sample in (data.dataset[i] for i in range(len(data.dataset))):
+        sections["synonym_matching"][sample["image_id"]] = [SHAPES[6]]
+        sections["image_similarity"][sample["image_id"]] = [SHAPES[2]]
+        sections["text_similarity"][sample["image_id"]] = [SHAPES[4], SHAPES[2]]
+    path = write_json(tmp_path, sections)
+    sample = data.dataset[0]
+    assert file_module(data, path).categories_of(sample) == [0, 2, 4]
+    assert file_module(data, path, sections=["synonym_matching"]).categories_of(sample) == [0, 6]
+
+
+def test_a_coco_image_is_found_by_the_number_its_published_file_name_ends_in(tmp_path):
+    module = InvSegModule(**SMALL, categories=CategoryFile(write_json(tmp_path, {
+        "COCO_val2014_000000182611.jpg": ["dog"], "COCO_val2014_000000000042.jpg": [1]})))
+    module.set_classes(["background", "cat", "dog"], 0)
+    assert module.categories_of({"image_id": "182611", "path": "/coco/val2017/000000182611.jpg"}) == [0, 2]
+    assert module.categories_of({"image_id": "42", "path": None}) == [0, 1]
+    assert module.categories_of({"image_id": "a copy", "path": "/copies/COCO_val2014_000000182611.png"}) == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "content, spec, message",
+    [
+        ({"000013.jpg": ["red circle", "green hexagon"]}, {},
+         "{p}: image '000013.jpg': 'green hexagon' is neither a class of the dataset nor an alias (aliases); "
+         f"classes: {', '.join(SHAPES)}"),
+        ({"000013": [2, 7]}, {}, "{p}: image '000013': label value 7 is not one of the dataset's 0..6"),
+        ({"000013": [1.5]}, {}, "{p}: image '000013': 1.5 is neither a class name nor a label value"),
+        ({"image_similarity": {"000013": [1]}}, {},
+         "{p} has no section 'text_similarity'; its sections: image_similarity"),
+        ({"000013": [1], "text_similarity": {}}, {},
+         "{p}: its values must all be lists of classes (one map of images)"),
+        ({"000013.jpg": [1], "/data/000013.jpg": [2]}, {},
+         "{p}: '000013.jpg' and '/data/000013.jpg' name the same image '000013'"),
+        ({"000013": ["plane"]}, {"aliases": {"plane": "aeroplane"}},
+         "aliases maps 'plane' to 'aeroplane': not a class of the dataset"),
+        ({"000013": [1]}, {"path": "absent.json"}, "category file absent.json does not exist"),
+        ("not json", {}, "{p} is not JSON: Expecting value"),
+    ],
+)
+def test_a_bad_category_file_is_an_error_naming_the_file_the_image_and_the_class(tmp_path, content, spec, message):
+    path = tmp_path / "categories.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    module = InvSegModule(**SMALL, categories=CategoryFile(**{"path": str(path), **spec}))
+    with pytest.raises(ValueError, match=re.escape("model.categories: " + message.format(p=f"category file {path}"))):
+        module.set_classes(SHAPES, 0)
+
+
+def test_an_image_missing_from_the_file_fails_the_setup_and_an_empty_list_needs_a_background(synthetic_root, tmp_path):
+    data = datamodule(synthetic_root)
+    data.setup()
+    samples = [data.dataset[i] for i in range(len(data.dataset))]
+    path = write_json(tmp_path, {sample["image_id"]: [1] for sample in samples[:-1]})
+    last = samples[-1]
+    with pytest.raises(ValueError, match=re.escape(
+            f"model.categories: category file {path} lists no categories for image {last['image_id']} "
+            f"({last['path']}); an image is named by its id, its file name or its path")):
+        file_module(data, path)
+    module = InvSegModule(**SMALL, categories=CategoryFile(write_json(tmp_path, {samples[0]["image_id"]: []})))
+    module.set_classes(SHAPES[1:], None)  # no background class
+    with pytest.raises(ValueError, match=re.escape(
+            f"model.categories: category file {path} lists no class for image {samples[0]['image_id']}, "
+            "and the dataset has no background class")):
+        module.categories_of(samples[0])
+
+
+def test_the_parser_reads_a_category_file_setting_with_the_published_sections_by_default():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(InvSegModule, "model")
+    given = ["--model.image_size", "64", "--model.resolution", "8",
+             "--model.categories", "{path: voc.json, aliases: {plane: aeroplane}}"]
+    module = parser.instantiate(parser.parse_args(given)).model
+    published = ["image_similarity", "text_similarity"]
+    assert module.hparams.categories == CategoryFile("voc.json", published, {"plane": "aeroplane"})
+    with pytest.raises(Exception, match=r"model.categories[\s\S]*Option 'pth' is not accepted"):
+        parser.parse_args(["--model.categories", "{pth: voc.json}"])

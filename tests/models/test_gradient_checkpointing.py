@@ -157,3 +157,23 @@ def test_evaluation_and_no_grad_passes_are_not_checkpointed(batch):
 def test_a_bad_setting_is_named():
     with pytest.raises(ValueError, match="model.gradient_checkpointing must be true or false, got 'yes'"):
         make_module(gradient_checkpointing="yes")
+
+
+def test_checkpointing_with_lora_adapters(batch):
+    """LoRA's adapters inside checkpointed layers (encoder, decoder, BERT, Swin): the same loss and adapter gradients,
+    the layers recomputed once; the frozen base weights get none."""
+    from grounding.models.lora import LoraSettings
+
+    categories, data = batch
+    lora = LoraSettings(r=4, dropout=0.1, target_modules=("encoder_attention", "decoder_ffn", "text_encoder", "backbone"))
+    runs = {}
+    for checkpointing in (False, True):
+        module = make_module(variant="random", lora=lora, gradient_checkpointing=checkpointing)
+        module.set_categories(categories)
+        counts, _ = instrument(module)
+        runs[checkpointing] = (*step(module, data), counts)
+    (loss0, grads0, _, counts0), (loss1, grads1, _, counts1) = runs[False], runs[True]
+    assert torch.equal(loss1, loss0)
+    assert_same_gradients(grads1, grads0)
+    assert any("lora_A" in n for n in grads1) and not any(n.endswith("base_layer.weight") for n in grads1)
+    assert counts1 == {part: 2 * n for part, n in counts0.items()} and counts0 == LAYERS
