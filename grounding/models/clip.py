@@ -2,8 +2,9 @@
 
 ``build_clip("openai/clip-vit-base-patch16")`` (a hub id or a local folder: OpenAI CLIP, OpenCLIP/LAION and
 MetaCLIP checkpoints in HF format) loads ``CLIPModel`` with the checkpoint's own tokenizer and image
-statistics; ``build_clip("tiny")`` builds a small random model from ``TINY_CLIP_CONFIG`` with a CLIP BPE
-tokenizer made offline (``grounding.models.clip_tokenizer``).
+statistics; ``build_clip("open_clip:ViT-B-16/laion2b_s34b_b88k")`` converts an open_clip model into one
+(``grounding.models.open_clip_convert``); ``build_clip("tiny")`` builds a small random model from
+``TINY_CLIP_CONFIG`` with a CLIP BPE tokenizer made offline (``grounding.models.clip_tokenizer``).
 
 ``ClipBackbone`` wraps the model for the explainability methods (docs/maskinversion.md): images are resized to
 ``image_size`` (448 px by default) and the patch position embeddings resampled to the new grid with
@@ -287,7 +288,9 @@ def build_clip(
     """A ``ClipBackbone``.
 
     name_or_path: ``"tiny"`` (random ``TINY_CLIP_CONFIG``), ``"vit-b16-random"`` (ViT-B/16 sizes, random
-    weights, for benchmarks), else a hub id or local folder for ``CLIPModel.from_pretrained``.
+    weights, for benchmarks), ``"open_clip:<model>/<pretrained tag or checkpoint file>"`` (an open_clip model
+    converted by ``grounding.models.open_clip_convert``; needs the ``openclip`` extra), else a hub id or local
+    folder for ``CLIPModel.from_pretrained``.
     overrides: config fields merged into the random configs (nested dicts key by key); ignored otherwise.
     seed: seeds the random initialization of the random models (None: the global RNG state).
     tokenizer_dir: also save the random models' offline tokenizer there (nothing is written when None).
@@ -306,6 +309,10 @@ def build_clip(
                 torch.manual_seed(seed)
                 model = CLIPModel(config)
         return ClipBackbone(model, tokenizer, image_size, antialias)
+    if name_or_path.startswith("open_clip:"):
+        from grounding.models.open_clip_convert import build_open_clip
+
+        return build_open_clip(name_or_path, image_size, antialias)
     from transformers import AutoTokenizer
 
     model = CLIPModel.from_pretrained(name_or_path)
