@@ -34,9 +34,10 @@ maskinversion              45   ViT-B/16 sizes, 448 px, 5 and 100 masks, 10 iter
                                 autograd (naive timed over 2 iterations, scaled to 10), each setting in a
                                 fresh process, best of 3 calls (targets: <= 0.15 s at 100 masks; >= 5x
                                 naive at 100 masks, not slower at 5).
-gem                        25   ViT-B/16 at 448 px, batch 32, bf16: images/s of GEM, plain CLIP, MaskCLIP
-                                and CLIPSurgery (median of 3 rounds) and FLOPs per image (target: GEM
-                                >= 150 images/s).
+gem                        25   ViT-B/16, bf16: images/s of GEM, plain CLIP, MaskCLIP, CLIPSurgery, SCLIP,
+                                ClearCLIP and NACLIP, whole 448 px images at batch 32 and the 336 / 224 /
+                                112 sliding-window preset on 8 images (best of 3 rounds), each over plain
+                                CLIP's, and FLOPs per image (target: GEM >= 150 images/s).
 mimic                      45   the tiny model's per-term CPU costs (10 repetitions), then a random LLaVA
                                 of LLaVA-1.5-7B's sizes at full depth (32 language layers of width 4096,
                                 24 vision layers), bf16, 336 px, gradient checkpointing, ResNet-50 for R_V:
@@ -151,9 +152,11 @@ BENCHES: tuple[Bench, ...] = (
           "best of 3 (targets: ≤ 0.15 s at 100 masks; ≥ 5× naive at 100 masks, not slower at 5)."),
     Bench("gem", "GEM: throughput", "bench_gem.py",
           ("--size", "448", "--batch", "32", "--rounds", "3"),
-          ("--quick", "--size", "64", "--batch", "1", "--rounds", "1"), 25,
-          "ViT-B/16 (random weights) at 448 px, batch 32, bf16: images/s of GEM, plain CLIP, MaskCLIP and "
-          "CLIPSurgery (median of 3 rounds) and FLOPs per image (target: GEM ≥ 150 images/s)."),
+          ("--quick", "--size", "64", "--batch", "1", "--rounds", "1", "--slide", "96", "64", "32"), 25,
+          "ViT-B/16 (random weights), bf16: images/s of GEM, plain CLIP, MaskCLIP, CLIPSurgery, SCLIP, ClearCLIP and "
+          "NACLIP, whole 448 px images at batch 32 and the 336 / 224 / 112 sliding-window preset on 8 images (best "
+          "of 3 rounds), each over plain CLIP's (<method>_vs_plain, slide_<method>_vs_plain), and FLOPs per image "
+          "(target: GEM ≥ 150 images/s)."),
     Bench("mimic", "MIMIC: 7B LLaVA seconds per iteration", "bench_mimic.py",
           ("--repeats", "10", "--cuda-iterations", "10"),
           ("--quick", "--repeats", "2"), 45,

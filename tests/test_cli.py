@@ -131,7 +131,7 @@ def test_a_bad_setting_is_one_line_naming_it(capsys, synthetic_root, tmp_path):
         assert error_of(capsys, ["--config", str(GEM), *args]) == message
     # a choice outside its Literal: the flag and the choices
     assert error_of(capsys, ["--config", str(GEM), "--data.init_args.format", "nope"]) == (
-        "--data.format: expected one of 'voc', 'folder', 'coco_object', 'synthetic', got 'nope'")
+        "--data.format: expected one of 'voc', 'voc20', 'context60', 'context59', 'coco_stuff', 'coco_object_stuff', 'cityscapes', 'folder', 'coco_object', 'synthetic', got 'nope'")
     # a value the constructor refuses (its ValueError): the section, the class and the constructor's reason
     line = error_of(capsys, ["--config", str(GEM), "--model.init_args.background_threshold", "1.5", "--trainer.accelerator", "cpu"])
     assert line.startswith(f"--model ({model}): ") and "background_threshold must be in [0, 1], got 1.5" in line

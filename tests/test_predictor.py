@@ -34,7 +34,7 @@ def test_gem_records_are_dense_similarity_with_the_background_rule(files):
     records = predictor([str(f) for f in files], classes=classes)
     h = predictor.module.hparams
     dense = DenseSimilarity(predictor.module.backbone, method=h.method, depth=h.depth, iterations=h.iterations,
-                            temperature=h.temperature, template=h.template, short_side=h.short_side)
+                            temperature=h.temperature, templates=h.templates, short_side=h.short_side)
     assert [r["image_id"] for r in records] == [f.stem for f in files]
     for record, file in zip(records, files):
         image = image_tensor(read_rgb_image(file))

@@ -48,7 +48,8 @@ def scatter_with_spread(points: Sequence[Point], path: str | Path, xlabel: str, 
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    if points:
+        axes.legend(fontsize="small")
     _save(plt, figure, Path(path))
 
 
@@ -71,10 +72,13 @@ def curve_with_spread(curves: dict[str, Sequence[tuple[float, float | None, floa
             axes.scatter([x] * len(seeds), seeds, s=10, color=color, alpha=0.5)
     if log_x:
         axes.set_xscale("log")
+    if not axes.lines:
+        axes.text(0.5, 0.5, "no finished values yet", ha="center", va="center", transform=axes.transAxes)
     axes.set_ylim(bottom=0)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    if axes.lines:
+        axes.legend(fontsize="small")
     _save(plt, figure, Path(path))

@@ -201,12 +201,19 @@ def write_cells(cell_list: list[Cell], train_args: list[str], out: str | Path) -
     arguments (the same folder used for a different sweep) is an error: its summary would be reused."""
     entries = [{"name": c.name, "setting": c.setting, "value": c.value, "seed": c.seed,
                 "args": cell_args(c, train_args, out)} for c in cell_list]
+    return save_cells(entries, out, "train arguments")
+
+
+def save_cells(entries: list[dict], out: str | Path, what: str = "arguments") -> list[dict]:
+    """``OUT/cells.json``: ``entries`` (each with its "name" and full "args"), in order (``--cell i`` is the
+    i-th). A cell already there with other arguments (the same folder used for another run) is an error saying
+    its ``what`` differ: its summary would be reused."""
     path = Path(out) / "cells.json"
     if path.is_file():
         before = {e["name"]: e["args"] for e in json.loads(path.read_text())}
         for entry in entries:
             if entry["name"] in before and before[entry["name"]] != entry["args"]:
-                raise ValueError(f"{path}: cell {entry['name']} was set up with other train arguments "
+                raise ValueError(f"{path}: cell {entry['name']} was set up with other {what} "
                                  f"({shlex.join(before[entry['name']])}); use another --out")
     write_atomic(path, lambda p: Path(p).write_text(json.dumps(entries, indent=1) + "\n"))
     return entries

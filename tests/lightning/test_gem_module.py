@@ -81,13 +81,16 @@ def test_point_module_logs_the_p_miou_of_its_own_maps(synthetic_root, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "lseg"}, r"model.method='lseg' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain'\)"),
+        ({"method": "lseg"}, r"model.method='lseg' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain', 'sclip', "
+                             r"'clearclip', 'naclip'\)"),
+        ({"feature_surgery": True}, r"^model.feature_surgery is CLIPSurgery's: it needs method='clipsurgery', not 'gem'$"),
+        ({"pamr": True, "pamr_dilations": ()}, r"^model.pamr_dilations=\(\) must be a non-empty list of positive integers$"),
         ({"short_side": 60}, r"model.short_side 60 must be a positive multiple of the patch size 16"),
         ({"window": 64}, r"model.window and stride are set together"),
         ({"window": 64, "stride": 80}, r"model.window \(64\) and stride \(80\) must be multiples of the patch size"),
         ({"background_threshold": 1.5}, r"model.background_threshold must be in \[0, 1\], got 1.5"),
         ({"depth": 9}, r"depth=9 would modify 8 blocks of a vision tower of 4"),
-        ({"template": "a photo"}, r"model.template must hold '\{\}'"),
+        ({"templates": "a photo"}, r"model.templates: 'a photo' has no '\{\}' where the class name goes"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -100,7 +103,8 @@ def test_the_parser_lists_the_methods_a_typo_is_not_one_of():
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(GEMSegmentationModule, "model")
-    with pytest.raises(Exception, match=r"model.method[\s\S]*Literal\['gem', 'plain', 'maskclip', 'clipsurgery'\]. Got value: gems"):
+    with pytest.raises(Exception, match=r"model.method[\s\S]*Literal\['gem', 'plain', 'maskclip', 'clipsurgery', "
+                                         r"'sclip', 'clearclip', 'naclip'\]. Got value: gems"):
         parser.parse_args(["--model.method", "gems"])
     with pytest.raises(Exception, match=r"model.short_side[\s\S]*PositiveInt"):
         parser.parse_args(["--model.short_side", "0"])

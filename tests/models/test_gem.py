@@ -13,7 +13,14 @@ from grounding.models.gem import (
     GEM,
     DenseSimilarity,
     adaptive_inverse_temperature,
+    block_class_output,
+    block_output,
+    block_projections,
     class_text_embeddings,
+    clearclip_tokens,
+    feature_surgery,
+    naclip_tokens,
+    sclip_block,
     labels_with_background,
     resize_to_short_side,
     self_self_attention,
@@ -222,7 +229,8 @@ def test_bad_inputs_raise_clear_errors(backbone):
         similarity_maps(backbone, _pixels(backbone, size=(64, 90)), text, depth=2)
     with pytest.raises(ValueError, match=r"^depth=7 would modify 6 blocks of a vision tower of 4: use 1 <= depth <= 5$"):
         GEM(backbone)
-    with pytest.raises(ValueError, match=r"^method='gradcam' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain'\)$"):
+    with pytest.raises(ValueError, match=r"^method='gradcam' is not one of \('gem', 'clipsurgery', 'maskclip', 'plain', "
+                                         r"'sclip', 'clearclip', 'naclip'\)$"):
         GEM(backbone, "gradcam", depth=2)
     with pytest.raises(ValueError, match=r"^temperature=0 must be > 0 \(or None for the adaptive one\)$"):
         GEM(backbone, depth=2, temperature=0)
@@ -299,3 +307,240 @@ def test_labels_with_background_follow_the_softmax_confidence():
     maps = torch.tensor([[[0.30, 0.201, 0.10]], [[0.10, 0.200, 0.30]]])  # (C_fg=2, 1, 3)
     assert labels_with_background(maps, [1, 2], 0).flatten().tolist() == [1, 0, 2]
     assert labels_with_background(maps, [0, 1], None).flatten().tolist() == [0, 0, 1]
+
+
+# -- SCLIP, ClearCLIP, NACLIP: the last block against explicit softmax(...) @ v per head ----------------------
+def _heads(t, heads):
+    """(B, T, d) -> list of h (B, T, d/h) column blocks."""
+    return list(t.chunk(heads, dim=-1))
+
+
+def _softmax_rows(logits):
+    exps = torch.exp(logits - logits.amax(-1, keepdim=True))
+    return exps / exps.sum(-1, keepdim=True)
+
+
+def _loop_gaussian(grid, std):
+    """NACLIP's ω token by token: 0 for the class token, exp(-d² / 2σ²) between patches (row-major grid)."""
+    positions = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+    omega = torch.zeros(1 + len(positions), 1 + len(positions), dtype=torch.float64)
+    for i, (r1, c1) in enumerate(positions):
+        for j, (r2, c2) in enumerate(positions):
+            omega[1 + i, 1 + j] = math.exp(-((r1 - r2) ** 2 + (c1 - c2) ** 2) / (2 * std ** 2))
+    return omega
+
+
+def _explicit_last_block(layer, x, method, grid=None):
+    """The method's last block from the raw weights: explicit matmul + softmax, head by head."""
+    attn = layer.self_attn
+    heads, scale = attn.num_heads, attn.scale
+    z = _ln(layer.layer_norm1, x)
+    q, k, v = (_heads(_linear(proj, z), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    outs = []
+    for h in range(heads):
+        if method == "sclip":
+            maps = _softmax_rows(scale * q[h] @ q[h].transpose(-1, -2)) + _softmax_rows(scale * k[h] @ k[h].transpose(-1, -2))
+        elif method == "clearclip":
+            maps = _softmax_rows(scale * q[h] @ q[h].transpose(-1, -2))
+        else:
+            maps = _softmax_rows(scale * k[h] @ k[h].transpose(-1, -2) + _loop_gaussian(grid, 5.0))
+        outs.append(maps @ v[h])
+    attended = _linear(attn.out_proj, torch.cat(outs, dim=-1))
+    if method != "sclip":
+        return attended  # no residual, no MLP
+    mid = x + attended
+    mlp = layer.mlp
+    return mid + _linear(mlp.fc2, mlp.activation_fn(_linear(mlp.fc1, _ln(layer.layer_norm2, mid))))
+
+
+def _last_block_function(method, layer, x, grid):
+    if method == "sclip":
+        return sclip_block(layer, x)
+    if method == "clearclip":
+        return clearclip_tokens(layer, x)
+    return naclip_tokens(layer, x, grid)
+
+
+@pytest.mark.parametrize("method", ["sclip", "clearclip", "naclip"])
+def test_last_block_functions_equal_explicit_softmaxes_on_random_tokens(backbone, method):
+    layer = backbone.vision.encoder.layers[-1]
+    x = torch.randn(2, 1 + 2 * 3, backbone.vision.config.hidden_size, generator=torch.Generator().manual_seed(7),
+                    dtype=torch.float64)  # a 2x3 grid: rows and columns do not commute
+    out = _last_block_function(method, layer, x, (2, 3))
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _explicit_last_block(layer, x, method, (2, 3)), rtol=0, atol=1e-10)
+    # not CLIP's own block: the replacement changes the tokens
+    assert not torch.allclose(out, block_output(layer, x, *block_projections(layer, x)[1:]), atol=1e-3)
+
+
+def test_naclip_neighbourhoods_follow_the_grid_it_is_given(backbone):
+    layer = backbone.vision.encoder.layers[-1]
+    x = torch.randn(1, 7, backbone.vision.config.hidden_size, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    # a 3x2 grid reads the same 7 tokens with other neighbourhoods
+    assert not torch.allclose(naclip_tokens(layer, x, (2, 3)), naclip_tokens(layer, x, (3, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"^a 2x2 patch grid has 5 tokens, x has 7$"):
+        naclip_tokens(layer, x, (2, 2))
+
+
+@pytest.mark.parametrize("method", ["sclip", "clearclip", "naclip"])
+def test_last_block_methods_run_the_function_on_the_last_blocks_input(backbone, method):
+    pixels = _pixels(backbone, seed=5, count=2, size=(64, 48))
+    hidden = _hf_hidden_states_any_size(backbone, pixels)
+    layer = backbone.vision.encoder.layers[-1]
+    expected = _hf_project(backbone, _explicit_last_block(layer, hidden, method, (4, 3)))
+    torch.testing.assert_close(GEM(backbone, method)(pixels), expected, rtol=0, atol=1e-8)
+
+
+def _hf_hidden_states_any_size(backbone, pixels):
+    """The input of the last block by transformers' own layers (our embedding: the grid may differ from native)."""
+    with torch.no_grad():
+        return backbone.run_blocks(backbone.embed(pixels), 0, backbone.num_layers - 1)
+
+
+# -- CLIPSurgery's feature surgery ---------------------------------------------------------------------------
+def test_feature_surgery_equals_the_papers_elementwise_features():
+    generator = torch.Generator().manual_seed(9)
+    patches = F.normalize(torch.randn(2, 5, 8, generator=generator, dtype=torch.float64), dim=-1)  # (B, N, P)
+    image = F.normalize(torch.randn(2, 8, generator=generator, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(3, 8, generator=generator, dtype=torch.float64), dim=-1)
+    out = feature_surgery(torch.einsum("bnp,cp->bcn", patches, text), image @ text.T)  # (B, C, N)
+    for b in range(2):
+        logits = [2 * float(image[b] @ t) for t in text]
+        exps = [math.exp(v) for v in logits]
+        weights = [len(text) * e / sum(exps) for e in exps]  # softmax / its mean
+        for n in range(5):
+            features = [patches[b, n] * text[c] * weights[c] for c in range(3)]  # (P,) per class
+            redundant = sum(features) / 3
+            for c in range(3):
+                assert float(out[b, c, n]) == pytest.approx(float((features[c] - redundant).sum()), abs=1e-12)
+    with pytest.raises(ValueError, match="^feature_surgery needs at least 2 classes: with one, every map is 0$"):
+        feature_surgery(out[:, :1], image @ text[:1].T)
+
+
+def test_block_class_output_and_the_image_embedding_are_clips_own(backbone):
+    layer = backbone.vision.encoder.layers[-1]
+    x = torch.randn(2, 17, backbone.vision.config.hidden_size, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    torch.testing.assert_close(block_class_output(layer, x, *block_projections(layer, x)[1:]),
+                               block_output(layer, x, *block_projections(layer, x)[1:])[:, 0], rtol=0, atol=1e-12)
+    pixels = _pixels(backbone, seed=11, count=2)
+    with torch.no_grad():
+        expected = F.normalize(backbone.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    for depth in (1, 3):  # depth 1: the original stream ran every block already
+        patches, image = GEM(backbone, "clipsurgery", depth=depth, feature_surgery=True).encode(pixels)
+        torch.testing.assert_close(image, expected, rtol=0, atol=1e-8)
+        assert torch.equal(patches, GEM(backbone, "clipsurgery", depth=depth)(pixels))
+
+
+def test_similarity_maps_with_feature_surgery_are_the_surgery_of_the_cosines(backbone):
+    pixels = _pixels(backbone, seed=12, count=2)
+    text = torch.randn(3, backbone.embed_dim, dtype=torch.float64)
+    cosines = similarity_maps(backbone, pixels, text, "clipsurgery", depth=3, output_size=(4, 4))
+    surgery = similarity_maps(backbone, pixels, text, "clipsurgery", depth=3, output_size=(4, 4), feature_surgery=True)
+    with torch.no_grad():
+        image = F.normalize(backbone.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    weights = 3 * torch.softmax(2 * image @ F.normalize(text, dim=-1).T, dim=-1)[:, :, None, None]
+    torch.testing.assert_close(surgery, weights * cosines - (weights * cosines).mean(1, keepdim=True), rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match=r"^feature_surgery is CLIPSurgery's: it needs method='clipsurgery', not 'gem'$"):
+        GEM(backbone, "gem", depth=2, feature_surgery=True)
+
+
+# -- PAMR in DenseSimilarity ----------------------------------------------------------------------------------
+def test_dense_similarity_with_pamr_refines_the_maps_along_the_images_own_pixels():
+    from grounding.models.pamr import pamr
+
+    backbone = build_clip("tiny")
+    names = ["red circle", "blue square"]
+    image = (torch.rand(3, 40, 53, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    maps = DenseSimilarity(backbone, "naclip", short_side=32)(image, names)
+    refined = DenseSimilarity(backbone, "naclip", short_side=32, pamr=True, pamr_iterations=2,
+                              pamr_dilations=(1, 3))(image, names)
+    guide = (image.float() / 255 - backbone.mean.reshape(3, 1, 1)) / backbone.std.reshape(3, 1, 1)
+    torch.testing.assert_close(refined, pamr(guide[None], maps[None], 2, (1, 3))[0])
+    assert refined.shape == maps.shape and not torch.allclose(refined, maps, atol=1e-4)
+    with pytest.raises(ValueError, match=r"^pamr_iterations=0 must be an integer >= 1$"):
+        DenseSimilarity(backbone, "naclip", pamr=True, pamr_iterations=0)
+    with pytest.raises(ValueError, match=r"^pamr_dilations=\[\] must be a non-empty list of positive integers$"):
+        DenseSimilarity(backbone, "naclip", pamr=True, pamr_dilations=[])
+
+
+# -- templates, synonyms and SCLIP's background rule -------------------------------------------------------------
+def test_class_embeddings_average_the_templates_of_each_synonym(backbone):
+    """Each name: the normalized mean over the templates of the normalized sentence embeddings (CLIP's ensembling)."""
+    from grounding.models.gem import synonym_classes
+
+    classes, templates = ["cat", ["dog", "puppy"]], ["a photo of a {}.", "a drawing of the {}!", "{}"]
+    embeddings = class_text_embeddings(backbone, classes, templates)
+    sentences = {(name, template): template.replace("{}", name) for name in ["cat", "dog", "puppy"] for template in templates}
+    encoded = dict(zip(sentences, backbone.encode_text(list(sentences.values()))))  # one call: the tokenizer is slow
+    expected = []
+    for name in ["cat", "dog", "puppy"]:
+        total = torch.zeros(backbone.embed_dim, dtype=torch.float64)
+        for template in templates:
+            total += _unit(encoded[name, template])
+        expected.append(_unit(total / len(templates)))
+    torch.testing.assert_close(embeddings, torch.stack(expected), rtol=0, atol=1e-12)
+    assert synonym_classes(classes) == [0, 1, 1]
+    one = class_text_embeddings(backbone, ["cat"], "a photo of a {}.")  # one template: its sentence, normalized
+    torch.testing.assert_close(one[0], _unit(backbone.encode_text(["a photo of a cat."])[0]), rtol=0, atol=1e-12)
+
+
+def test_dense_maps_of_a_class_are_the_maximum_over_its_synonyms(backbone):
+    dense = DenseSimilarity(backbone, "maskclip", short_side=32, templates=["a {}.", "the {}."])
+    image = (torch.rand(3, 48, 70, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
+    per_name = dense(image, dense.text(["sky", "cat", "kitten", "dog"]))  # (4, 48, 70), one map per row
+    maps = dense(image, ["sky", ["cat", "kitten"], "dog"])
+    assert maps.shape == (3, 48, 70)
+    for y, x in [(0, 0), (10, 33), (47, 69), (20, 5)]:
+        assert maps[1, y, x] == max(per_name[1, y, x], per_name[2, y, x])
+        assert maps[0, y, x] == per_name[0, y, x] and maps[2, y, x] == per_name[3, y, x]
+
+
+def _loop_sclip_labels(maps, owners, logit_scale, background, threshold, area_threshold):
+    """SCLIP's post-processing pixel by pixel in Python floats: softmax over every name, the maximum per class,
+    classes of small arg-max area dropped, the arg-max, background below the threshold."""
+    names, height, width = maps.shape
+    classes = max(owners) + 1
+    probabilities = {}
+    for y in range(height):
+        for x in range(width):
+            row = _loop_softmax_row([logit_scale * float(maps[s, y, x]) for s in range(names)])
+            probabilities[y, x] = [max(p for p, o in zip(row, owners) if o == c) for c in range(classes)]
+    dropped = set()
+    if area_threshold is not None:
+        winners = [max(range(classes), key=lambda c: probabilities[pixel][c]) for pixel in probabilities]
+        area = {c: winners.count(c) for c in range(classes) if c != background}
+        dropped = {c for c, a in area.items() if a <= area_threshold * sum(area.values())}
+    labels = torch.zeros(height, width, dtype=torch.long)
+    for (y, x), probability in probabilities.items():
+        kept = [0.0 if c in dropped else p for c, p in enumerate(probability)]
+        best = max(range(classes), key=lambda c: kept[c])
+        labels[y, x] = background if kept[best] < threshold else best
+    return labels
+
+
+@pytest.mark.parametrize("area_threshold", [None, 0.25])
+def test_labels_from_probabilities_are_sclips_rule(area_threshold):
+    from grounding.models.gem import class_probabilities, labels_from_probabilities
+
+    owners = [0, 0, 1, 2, 2, 3]  # background with two words, a class with two synonyms
+    maps = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.05
+    maps[3:5, :2] += 0.05  # class 2 wins a small area only
+    probabilities = class_probabilities(maps, owners, logit_scale=50.0)
+    assert probabilities.shape == (4, 5, 7) and bool((probabilities <= 1).all())
+    labels = labels_from_probabilities(probabilities, background=0, threshold=0.3, area_threshold=area_threshold)
+    expected = _loop_sclip_labels(maps, owners, 50.0, 0, 0.3, area_threshold)
+    assert torch.equal(labels, expected) and 0 < int((labels == 0).sum()) < 35
+    assert torch.equal(labels_from_probabilities(probabilities), probabilities.argmax(0))  # no background: arg-max
+
+
+def test_template_and_synonym_errors_are_named(backbone):
+    from grounding.models.gem import max_over_synonyms
+
+    with pytest.raises(ValueError, match=r"^templates: 'a photo' has no '\{\}' where the class name goes$"):
+        DenseSimilarity(backbone, depth=3, templates=["a {}.", "a photo"])
+    with pytest.raises(ValueError, match=r"^templates is empty"):
+        class_text_embeddings(backbone, ["cat"], [])
+    with pytest.raises(ValueError, match=r"^class 1 has no name or an empty one: \[\]$"):
+        class_text_embeddings(backbone, ["cat", []])
+    with pytest.raises(ValueError, match=r"^3 owners for 2 maps: one class index per map$"):
+        max_over_synonyms(torch.zeros(2, 4), [0, 0, 1])
