@@ -53,6 +53,18 @@ def test_synthetic_split_partitions_every_annotation(synthetic_root, tmp_path):
         names = [{c["name"] for c in half["categories"]} for half in halves]
         assert not names[0] & names[1] and names[0] | names[1] == {c["name"] for c in original["categories"]}
         assert splits[f"novel_{split}"].images == str(Path(synthetic_root) / "images" / split)
+    # novel-only: the novel training images are those of the novel half without any base object
+    clean = forgetting.write_synthetic_split(synthetic_root, tmp_path / "clean", None, "novel-only")
+    original = json.loads((Path(synthetic_root) / "annotations" / "instances_train.json").read_text())
+    novel_names = {c["name"] for c in json.loads(Path(splits["novel_train"].annotations).read_text())["categories"]}
+    novel_ids = {c["id"] for c in original["categories"] if c["name"] in novel_names}
+    expected = {i["id"] for i in original["images"]
+                if {a["category_id"] for a in original["annotations"] if a["image_id"] == i["id"]} <= novel_ids
+                and any(a["image_id"] == i["id"] for a in original["annotations"])}
+    kept = json.loads(Path(clean["novel_train"].annotations).read_text())
+    assert {i["id"] for i in kept["images"]} == expected and expected
+    assert {a["image_id"] for a in kept["annotations"]} == expected
+    assert Path(clean["base_train"].annotations).read_text() == Path(splits["base_train"].annotations).read_text()
 
 
 # novel / base AP50 each fake fine-tune reaches, per seed; the pretrained model: novel 0.05, base 0.60

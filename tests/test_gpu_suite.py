@@ -177,15 +177,15 @@ def test_unused_time_passes_on_and_an_exhausted_budget_skips(tmp_path):
 # ------------------------------------------------------------------------------------------ the command line
 @pytest.mark.slow
 def test_dry_run_of_a_subset_through_the_command_line(tmp_path):
-    """A dry run of three real benches (the full dry run takes about 3 minutes on 2 cores): maskinversion (fresh
-    processes per setting, progress lines before its JSON), importance_prior and mimic."""
-    subset = ["mimic", "maskinversion", "importance_prior"]
+    """A dry run of two real benches (the full dry run takes about 3 minutes on 2 cores): importance_prior and
+    mimic, given in the reverse of the suite's order."""
+    subset = ["importance_prior", "mimic"]
     out = tmp_path / "gpu" / "suite.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", *subset, "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
-    order = ["maskinversion", "mimic", "importance_prior"]  # the suite's order, not the command line's
+    order = ["mimic", "importance_prior"]  # the suite's order, not the command line's
     assert [line.get("bench") for line in lines] == [*order, None]
     summary = lines[-1]
     assert summary["mode"] == "dry-run" and summary["ok"] == order and summary["failed"] == summary["timeout"] == []
@@ -200,10 +200,6 @@ def test_dry_run_of_a_subset_through_the_command_line(tmp_path):
         assert document["benches"][name]["status"] == "ok"
         assert document["benches"][name]["figures"] == figures[name]
     # the dry sizes won over the GPU arguments before them (the last value of an option counts)
-    mi = figures["maskinversion"]
-    assert mi["iterations"] == 2 and mi["model"] == "tiny" and mi["naive_scaled_from"] == 1
-    assert mi["decomposed_s_64_5"] > 0 and mi["naive_s_64_5"] > 0 and mi["speedup_64_5"] > 0
-    assert not [key for key in mi if "448" in key]
     prior = figures["importance_prior"]
     assert prior["grid"] == [25, 42] and prior["tokens"] == 25 * 42 and prior["ms_chunked"] > 0
     assert "cuda_ms_chunked" not in prior and prior["peak_mb_pooled"] >= 0
@@ -215,4 +211,4 @@ def test_dry_run_of_a_subset_through_the_command_line(tmp_path):
     assert "CPU dry run" in markdown
     for name in order:
         assert f"### {name}: " in markdown and document["benches"][name]["command"] in markdown
-    assert "| speedup_64_5 |" in markdown and "| step_ms |" in markdown and "| ms_chunked |" in markdown
+    assert "| step_ms |" in markdown and "| ms_chunked |" in markdown

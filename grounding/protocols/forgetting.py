@@ -11,6 +11,8 @@ fine-tuning is for) and on the base one (what it forgets). Methods (``--methods`
 - ``full``: every part trains (``--model.freeze []``);
 - ``lora``: LoRA adapters (``--model.lora.r 8``, the heads trainable; ``grounding.models.lora``);
 - ``frozen_backbone``: the image backbone frozen (``--model.freeze [backbone]``);
+- ``frozen_backbone_text`` (only when named): the image backbone and the text encoder frozen, so that the base
+  categories' names keep their features (``--model.freeze [backbone, text_encoder]``);
 - ``ema``: ``full`` with a moving average of the weights (``grounding.lightning.ema.WeightEMA``, ``--ema-decay``),
   which is what is evaluated;
 - ``wise``: WiSE-FT, the weights ``(1 − α) θ_base + α θ_full`` of each seed's ``full`` run (``--wise-alpha``,
@@ -19,7 +21,10 @@ fine-tuning is for) and on the base one (what it forgets). Methods (``--methods`
 Default (no ``--pretrained``): the synthetic set (``--synthetic-root``, generated when absent) split by category:
 every second category id is *novel*, the others *base* (``--novel-categories`` to choose). ``OUT/data/`` gets
 four COCO files (base / novel × train / val): each keeps the images holding at least one object of its half and
-only that half's objects and categories (so a model is prompted with its half's names only). The base model is
+only that half's objects and categories (so a model is prompted with its half's names only). The base objects in
+the novel training images are then unannotated, as in real fine-tuning data, and fine-tuning learns them as
+background; ``--novel-images novel-only`` keeps only the novel training images without any base object, so that
+what is forgotten comes from the weights' drift alone. The base model is
 the tiny detector trained on the base half (``--base-epochs``) and exported (``grounding-export``) to
 ``OUT/base/model``, which every fine-tune starts from (``--model.model``).
 
@@ -36,7 +41,8 @@ on and the exit status is 1.
 Output: ``OUT/table.md`` / ``table.csv`` (one row per method: novel AP50 and base AP50 as mean ± sample std over
 the seeds, the base AP50 kept relative to the base model, the novel AP50 relative to ``full``, trainable
 parameters, median step time and peak memory of training; the base model's row first), ``OUT/forgetting.png``
-(novel AP50 against base AP50, one point per method with its seed spread as error bars), one JSON line at the
+(novel AP50 against base AP50, one point per method with its seed spread as error bars, dashed lines at the
+goal's thresholds below), one JSON line at the
 end with every figure and ``meets_goal``: the methods that keep ≥ 80 % of the base model's base AP50 while
 reaching ≥ 90 % of full fine-tuning's novel AP50.
 """
@@ -58,12 +64,15 @@ from typing import Callable, Sequence
 from grounding.protocols.sweep import run_training, summary_line
 from grounding.utils import write_atomic, write_json_atomic
 
-METHODS = ("full", "lora", "frozen_backbone", "ema", "wise")
+METHODS = ("full", "lora", "frozen_backbone", "frozen_backbone_text", "ema", "wise")
+#: what runs without --methods (frozen_backbone_text on demand)
+DEFAULT_METHODS = ("full", "lora", "frozen_backbone", "ema", "wise")
 #: each trained method's own grounding-train flags
 METHOD_FLAGS = {
     "full": ["--model.freeze", "[]"],
     "lora": ["--model.lora.r", "8", "--model.lora.alpha", "16"],
     "frozen_backbone": ["--model.freeze", "[backbone]"],
+    "frozen_backbone_text": ["--model.freeze", "[backbone, text_encoder]"],
     "ema": ["--model.freeze", "[]", "--trainer.callbacks+=grounding.lightning.ema.WeightEMA"],
 }
 DEFAULT_SEEDS = (0, 1, 2)
@@ -103,6 +112,13 @@ def split_by_category(coco: dict, keep: set[int]) -> dict:
     return reduced
 
 
+def without_images_of(reduced: dict, coco: dict, categories: set[int]) -> dict:
+    """``reduced`` without the images that hold an object of ``categories`` in the full ``coco``."""
+    holding = {a["image_id"] for a in coco["annotations"] if a["category_id"] in categories}
+    return {**reduced, "images": [i for i in reduced["images"] if i["id"] not in holding],
+            "annotations": [a for a in reduced["annotations"] if a["image_id"] not in holding]}
+
+
 def novel_categories(categories: Sequence[dict], chosen: Sequence[str] | None) -> set[int]:
     """Ids of the novel categories: the named ones, or every second id in id order (the 2nd, 4th, ...)."""
     by_name = {c["name"]: c["id"] for c in categories}
@@ -118,8 +134,13 @@ def novel_categories(categories: Sequence[dict], chosen: Sequence[str] | None) -
     return novel
 
 
-def write_synthetic_split(root: str | Path, out: Path, chosen: Sequence[str] | None) -> dict[str, Split]:
-    """``out/{base,novel}_{train,val}.json`` from the synthetic set at ``root`` (generated when absent)."""
+def write_synthetic_split(root: str | Path, out: Path, chosen: Sequence[str] | None,
+                          novel_images: str = "all") -> dict[str, Split]:
+    """``out/{base,novel}_{train,val}.json`` from the synthetic set at ``root`` (generated when absent).
+
+    novel_images: ``all``: the novel training set has every image holding a novel object, base objects in them
+    unannotated (as in real fine-tuning data: the model learns them as background); ``novel-only``: only the
+    images without any base object (forgetting by the weights' drift alone)."""
     from grounding.data.synthetic import prepare_synthetic
 
     prepare_synthetic(root)  # generated with the default settings when absent, used as it is otherwise
@@ -132,7 +153,10 @@ def write_synthetic_split(root: str | Path, out: Path, chosen: Sequence[str] | N
         base = {c["id"] for c in coco["categories"]} - novel
         for half, keep in (("base", base), ("novel", novel)):
             path = out / f"{half}_{split}.json"
-            write_json_atomic(path, split_by_category(coco, keep))
+            reduced = split_by_category(coco, keep)
+            if half == "novel" and split == "train" and novel_images == "novel-only":
+                reduced = without_images_of(reduced, coco, base)
+            write_json_atomic(path, reduced)
             splits[f"{half}_{split}"] = Split(str(path), str(root / "images" / split))
     return splits
 
@@ -383,8 +407,14 @@ def plot(rows: list[dict], results: list[dict], path: Path) -> None:
     points = [(row["method"], row["novel_AP50"], row["novel_AP50_std"], row["base_AP50"], row["base_AP50_std"],
                [(r["novel"]["AP50"], r["base"]["AP50"]) for r in results if r["method"] == row["method"]])
               for row in rows if row["novel_AP50"] is not None and row["base_AP50"] is not None]
+    reference = {row["method"]: row for row in rows}
+    guides = []
+    if reference.get("full") and reference["full"]["novel_AP50"]:
+        guides.append(("x", GOAL_NOVEL_OF_FULL * reference["full"]["novel_AP50"], f"{GOAL_NOVEL_OF_FULL:.0%} of full's novel AP50"))
+    if reference.get("pretrained") and reference["pretrained"]["base_AP50"]:
+        guides.append(("y", GOAL_BASE_KEPT * reference["pretrained"]["base_AP50"], f"{GOAL_BASE_KEPT:.0%} of the base AP50"))
     scatter_with_spread(points, path, "novel AP50 (fine-tuned categories)", "base AP50 (kept categories)",
-                        "Fine-tuning: gained against forgotten")
+                        "Fine-tuning: gained against forgotten", guides)
 
 
 def write_outputs(out: Path, results: list[dict], with_plot: bool = True) -> list[dict]:
@@ -400,7 +430,7 @@ def write_outputs(out: Path, results: list[dict], with_plot: bool = True) -> lis
 # ------------------------------------------------------------------------------------------ the protocol
 def synthetic_base(args: argparse.Namespace, out: Path, runner: Runner) -> tuple[str, dict[str, Split]] | None:
     """Train the base model on the synthetic base half and export it; (its folder, the four splits)."""
-    splits = write_synthetic_split(args.synthetic_root, out / "data", args.novel_categories)
+    splits = write_synthetic_split(args.synthetic_root, out / "data", args.novel_categories, args.novel_images)
     model_dir = out / "base" / "model"
 
     def work(cell: Path) -> dict:
@@ -485,7 +515,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ours, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(prog="python -m grounding.protocols.forgetting", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder: one subfolder per cell, data/, base/, the table and plot")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="default: %(default)s")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default %(default)s")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every fine-tune (default %(default)s)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="WeightEMA's decay for `ema` (default %(default)s)")
@@ -493,6 +524,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     synthetic = parser.add_argument_group("the synthetic split (without --pretrained)")
     synthetic.add_argument("--synthetic-root", default="data/synthetic")
     synthetic.add_argument("--novel-categories", nargs="+", help="names of the novel categories (default: every second id)")
+    synthetic.add_argument("--novel-images", choices=("all", "novel-only"), default="all",
+                           help="the novel training images: all that hold a novel object (base objects in them "
+                                "unannotated, the default) or only those without any base object")
     synthetic.add_argument("--base-epochs", type=int, default=10, help="epochs of the base model (default %(default)s)")
     real = parser.add_argument_group("a pretrained model on real data")
     real.add_argument("--pretrained", help="--model.model of the fine-tunes (hub id, folder) or a detector .ckpt")

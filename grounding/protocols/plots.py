@@ -32,9 +32,14 @@ def _save(plt, figure, path: Path) -> None:
     plt.close(figure)
 
 
-def scatter_with_spread(points: Sequence[Point], path: str | Path, xlabel: str, ylabel: str, title: str) -> None:
-    """``path``: a scatter of ``points`` (see ``Point``), axes from 0, a legend entry per label."""
+def scatter_with_spread(points: Sequence[Point], path: str | Path, xlabel: str, ylabel: str, title: str,
+                        guides: Sequence[tuple[str, float, str]] = ()) -> None:
+    """``path``: a scatter of ``points`` (see ``Point``), axes from 0, a legend entry per label; ``guides``:
+    dashed lines (``"x"`` or ``"y"``, the value, a label), e.g. a goal's thresholds."""
     plt, figure, axes = _figure()
+    for axis, value, label in guides:
+        line = axes.axvline if axis == "x" else axes.axhline
+        line(value, color="grey", linestyle="--", linewidth=1, label=label)
     for index, (label, x, x_std, y, y_std, seeds) in enumerate(points):
         color = f"C{index % 10}"
         dots = [(sx, sy) for sx, sy in seeds if sx is not None and sy is not None]
@@ -48,7 +53,7 @@ def scatter_with_spread(points: Sequence[Point], path: str | Path, xlabel: str, 
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    if points:
+    if points or guides:
         axes.legend(fontsize="small")
     _save(plt, figure, Path(path))
 
