@@ -174,7 +174,8 @@ def run_cell(name: str, out: Path, work: Callable[[Path], dict]) -> dict | None:
     try:
         result = work(cell)
     except CellFailed as error:
-        write_atomic(error_file, lambda path: Path(path).write_text(str(error) + "\n"))
+        text = f"{error}\n"
+        write_atomic(error_file, lambda path: Path(path).write_text(text))
         print(f"{name}: FAILED, see {error_file}", flush=True)
         return None
     write_json_atomic(result_file, result, indent=1)
