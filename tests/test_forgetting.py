@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from grounding.protocols import forgetting
@@ -85,7 +86,10 @@ def _fake_runner(calls: list):
         method, seed = _method_of(args), int(args[args.index("--seed_everything") + 1])
         run_dir = cell / "train" / "run"
         (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
+        # one "weight" per figure: a WiSE-FT interpolation of it scores the interpolated figures (_fake_evaluate)
+        torch.save({"state_dict": {"w": torch.tensor(FAKE[method][seed], dtype=torch.float64)},
+                    "hyper_parameters": {"method": method}}, run_dir / "checkpoints" / "last.ckpt")
+        (run_dir / "config.yaml").write_text("model: {}\n")
         (run_dir / "step_stats.json").write_text(json.dumps(
             {"trainable_parameters": TRAINABLE[method], "total_parameters": 1000, "step_time_s": 0.1 * (seed + 1),
              "peak_memory_mb": 100.0}))
@@ -101,6 +105,9 @@ def _fake_evaluate(args: list[str]) -> dict:
         value = PRETRAINED[0] if split.endswith("novel_val.json") else PRETRAINED[1]
         return {"AP": value / 2, "AP50": value}
     checkpoint = Path(args[args.index("--ckpt_path") + 1])
+    if checkpoint.name.startswith("alpha_"):  # a WiSE-FT cell's interpolated weights: (novel, base)
+        weights = torch.load(checkpoint, weights_only=True)["state_dict"]["w"]
+        return {"AP": 0.0, "AP50": float(weights[0] if split.endswith("novel_val.json") else weights[1])}
     cell = checkpoint.parents[3].name  # <cell>/train/run/checkpoints/last.ckpt
     method, seed = cell.rsplit("_seed", 1)
     assert split.endswith("base_val.json")  # a fine-tune's novel figure is its run's own last validation
@@ -166,6 +173,32 @@ def test_protocol_table_plot_and_resume(tmp_path, monkeypatch):
     assert len(calls) == 8 + 4 and sorted(again["failed"]) == sorted(f"{m}_seed2" for m in FAKE)
     error = (out / "full_seed2" / "error.txt").read_text()
     assert error.startswith("training failed: exit code 1") and "RuntimeError: out of memory" in error
+
+
+def test_wise_rows_interpolate_each_seeds_fine_tune(tmp_path, monkeypatch):
+    from grounding.protocols import weight_ensemble
+
+    monkeypatch.setattr(weight_ensemble, "init_state_dict",  # the base model's "weights": its own figures
+                        lambda args: {"w": torch.tensor(PRETRAINED, dtype=torch.float64)})
+    calls: list = []
+    args = _parse(tmp_path, "--methods", "wise", "wise_frozen_backbone", "--wise-alpha", "0.5", "0.8")
+    payload = forgetting.run(args, _fake_runner(calls), _fake_evaluate)
+    # full and frozen_backbone each trained once per seed, though only their interpolations are rows
+    assert sorted(_method_of(a) for a in calls) == ["frozen_backbone"] * 2 + ["full"] * 2 and payload["failed"] == []
+    rows = {(r["method"], r.get("alpha")): r for r in payload["rows"]}
+    assert sorted(rows) == sorted([("pretrained", None), ("wise", 0.5), ("wise", 0.8), ("wise_frozen_backbone", 0.5),
+                                   ("wise_frozen_backbone", 0.8)])
+    for method, source in (("wise", "full"), ("wise_frozen_backbone", "frozen_backbone")):
+        for alpha in (0.5, 0.8):
+            expected = [[(1 - alpha) * PRETRAINED[i] + alpha * FAKE[source][seed][i] for seed in (0, 1)] for i in (0, 1)]
+            row = rows[(method, alpha)]
+            assert row["novel_AP50"] == pytest.approx(statistics.fmean(expected[0]))
+            assert row["base_AP50"] == pytest.approx(statistics.fmean(expected[1]))
+            assert row["trainable_parameters"] == TRAINABLE[source]  # the fine-tune's cost
+    written = torch.load(tmp_path / "out" / "wise_frozen_backbone_a0.8_seed1" / "alpha_0.8.ckpt", weights_only=True)
+    assert written["weight_ensemble"]["alpha"] == 0.8 and written["hyper_parameters"] == {"method": "frozen_backbone"}
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| wise_frozen_backbone (α = 0.8) | 2 |" in markdown and "| wise (α = 0.5) | 2 |" in markdown
 
 
 def test_command_line_errors(tmp_path, capsys):

@@ -245,3 +245,36 @@ def test_init_is_the_module_built_from_the_evaluation_arguments(models, syntheti
     written = torch.load(tmp_path / "out" / "alpha_0.ckpt", weights_only=False)["state_dict"]
     assert written.keys() == direct.keys() and all(torch.equal(written[k], direct[k]) for k in direct)
     assert len(calls) == 1
+
+
+def test_a_lora_checkpoint_is_ensembled_as_its_merged_weights(synthetic_root, tmp_path):
+    """θ(1) of a LoRA run is its adapters merged: a plain module built as the evaluation builds it (its ARGS, the
+    run's LoRA settings among them, then ``--model.lora null``) loads it strictly and each adapted layer's output
+    is peft's; θ(0) is that plain module's own weights."""
+    from grounding.cli import build_cli
+    from grounding.models.lora import lora_layers
+
+    args = _args(synthetic_root, tmp_path / "x")
+    lora = ["--model.lora.r", "4", "--model.lora.alpha", "8"]
+    adapted = build_cli([*args, *lora]).model.eval()  # no adapter dropout
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained adapters: B is zero at the start
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    we.save_weights(tmp_path / "lora.ckpt", adapted.state_dict(), {"hyper_parameters": dict(adapted.hparams)})
+    calls = []
+    we.run(tmp_path / "lora.ckpt", "init", [0.0, 1.0], tmp_path / "out", [we.Benchmark("val", [*args, *lora])],
+           evaluate=lambda a: calls.append(a) or {})
+    assert len(calls) == 2 and all(a[a.index("--ckpt_path") - 2:a.index("--ckpt_path")] == ["--model.lora", "null"] for a in calls)
+    plain = build_cli([*args, *lora, "--model.lora", "null"]).model
+    ends = {alpha: torch.load(tmp_path / "out" / f"alpha_{alpha}.ckpt", weights_only=False) for alpha in (0, 1)}
+    assert ends[1]["hyper_parameters"]["lora"] is None
+    assert all(torch.equal(ends[0]["state_dict"][k], v) for k, v in plain.state_dict().items())
+    plain.load_state_dict(ends[1]["state_dict"], strict=True)
+    layers = lora_layers(adapted)
+    assert len(layers) > 10
+    plain_modules = dict(plain.named_modules())
+    for name, layer in layers.items():
+        x = torch.randn(3, layer.base_layer.in_features, generator=generator)
+        torch.testing.assert_close(plain_modules[name](x), layer(x), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,9 @@ fine-tuning is for) and on the base one (what it forgets). Methods (``--methods`
 - ``ema``: ``full`` with a moving average of the weights (``grounding.lightning.ema.WeightEMA``, ``--ema-decay``),
   which is what is evaluated;
 - ``wise``: WiSE-FT, the weights ``(1 − α) θ_base + α θ_full`` of each seed's ``full`` run (``--wise-alpha``,
-  0.5; ``grounding.protocols.weight_ensemble``): no training of its own.
+  0.5 by default, or several values: one row each; ``grounding.protocols.weight_ensemble``): no training of its own;
+- ``wise_frozen_backbone``: the same interpolation of each seed's ``frozen_backbone`` run (the backbone, frozen,
+  stays the base model's; the rest moves a share α of the way).
 
 Default (no ``--pretrained``): the synthetic set (``--synthetic-root``, generated when absent) split by category:
 every second category id is *novel*, the others *base* (``--novel-categories`` to choose). ``OUT/data/`` gets
@@ -64,9 +66,11 @@ from typing import Callable, Sequence
 from grounding.protocols.sweep import run_training, summary_line
 from grounding.utils import write_atomic, write_json_atomic
 
-METHODS = ("full", "lora", "frozen_backbone", "frozen_backbone_text", "ema", "wise")
+METHODS = ("full", "lora", "frozen_backbone", "frozen_backbone_text", "ema", "wise", "wise_frozen_backbone")
 #: what runs without --methods (frozen_backbone_text on demand)
-DEFAULT_METHODS = ("full", "lora", "frozen_backbone", "ema", "wise")
+DEFAULT_METHODS = ("full", "lora", "frozen_backbone", "ema", "wise", "wise_frozen_backbone")
+#: each weight-space ensemble and the fine-tune whose weights it interpolates with the base model's
+WISE_SOURCES = {"wise": "full", "wise_frozen_backbone": "frozen_backbone"}
 #: each trained method's own grounding-train flags
 METHOD_FLAGS = {
     "full": ["--model.freeze", "[]"],
@@ -277,23 +281,29 @@ def trained_cell(setup: Setup, method: str, seed: int, runner: Runner, evaluate:
     return work
 
 
-def wise_cell(setup: Setup, full: dict, alpha: float, seed: int, evaluate: Evaluator) -> Callable[[Path], dict]:
+def wise_cell(setup: Setup, method: str, tuned_result: dict, alpha: float, seed: int,
+              evaluate: Evaluator) -> Callable[[Path], dict]:
+    """``method`` (``WISE_SOURCES``): the base model's weights and a share ``alpha`` of the way to those of the
+    fine-tune ``tuned_result`` (a trained cell's result), scored as a trained cell is."""
     from grounding.protocols.weight_ensemble import (
+        WITHOUT_LORA,
         init_state_dict,
         interpolate_state_dicts,
         load_checkpoint,
+        merged_lora,
         save_weights,
     )
 
     def work(cell: Path) -> dict:
-        tuned = load_checkpoint(full["checkpoint"], "the full fine-tune")
-        eval_args = ["--config", full["config"]]
+        what = f"the {WISE_SOURCES[method]} fine-tune"
+        tuned, merged = merged_lora(load_checkpoint(tuned_result["checkpoint"], what), what)
+        eval_args = ["--config", tuned_result["config"], *(WITHOUT_LORA if merged else [])]
         start = init_state_dict([*eval_args, "--trainer.logger", "false"])  # the pretrained model, as built
         path = cell / f"alpha_{alpha:g}.ckpt"
         save_weights(path, interpolate_state_dicts(start, tuned["state_dict"], alpha), tuned,
-                     {"weight_ensemble": {"alpha": alpha, "finetuned": full["checkpoint"], "zero_shot": setup.model}})
-        stats = dict(full.get("stats") or {})  # WiSE-FT trains nothing more: the full fine-tune's cost
-        return {"method": "wise", "seed": seed, "alpha": alpha,
+                     {"weight_ensemble": {"alpha": alpha, "finetuned": tuned_result["checkpoint"], "zero_shot": setup.model}})
+        stats = dict(tuned_result.get("stats") or {})  # WiSE-FT trains nothing more: the fine-tune's cost
+        return {"method": method, "seed": seed, "alpha": alpha,
                 "novel": evaluate_on(evaluate, eval_args, setup.novel_val, path, cell, "novel"),
                 "base": score_base(evaluate, eval_args, setup, path, cell), "stats": stats}
     return work
@@ -319,16 +329,14 @@ def summarize(results: list[dict]) -> list[dict]:
     """One row per method (the pretrained model first, then ``METHODS`` order): novel / base AP50 mean and std
     over seeds, base kept (mean base AP50 / the pretrained model's), novel of full (mean novel AP50 / full's),
     trainable and total parameters, median step time and peak memory (means over seeds)."""
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[tuple[str, float | None], list[dict]] = {}
     for result in results:
-        by_method.setdefault(result["method"], []).append(result)
-    pretrained = (by_method.get("pretrained") or [None])[0]
+        by_method.setdefault((result["method"], result.get("alpha")), []).append(result)
+    pretrained = (by_method.get(("pretrained", None)) or [None])[0]
     base_reference = pretrained["base"]["AP50"] if pretrained else None
     rows = []
-    for method in ("pretrained", *METHODS):
-        group = by_method.get(method)
-        if not group:
-            continue
+    order = {method: index for index, method in enumerate(("pretrained", *METHODS))}
+    for (method, alpha), group in sorted(by_method.items(), key=lambda item: (order[item[0][0]], item[0][1] or 0)):
         novel, novel_std = _mean_std([r["novel"]["AP50"] for r in group])
         base, base_std = _mean_std([r["base"]["AP50"] for r in group])
         stats = [r.get("stats") or {} for r in group]
@@ -338,8 +346,8 @@ def summarize(results: list[dict]) -> list[dict]:
                "total_parameters": stats[0].get("total_parameters"),
                "step_time_s": _mean_std([s.get("step_time_s") for s in stats])[0],
                "peak_memory_mb": _mean_std([s.get("peak_memory_mb") for s in stats])[0]}
-        if method == "wise":
-            row["alpha"] = group[0].get("alpha")
+        if alpha is not None:
+            row["alpha"] = alpha
         row["base_kept"] = base / base_reference if base is not None and base_reference else None
         rows.append(row)
     full = next((r for r in rows if r["method"] == "full"), None)
@@ -350,6 +358,11 @@ def summarize(results: list[dict]) -> list[dict]:
                              and row["novel_of_full"] is not None and row["base_kept"] >= GOAL_BASE_KEPT
                              and row["novel_of_full"] >= GOAL_NOVEL_OF_FULL)
     return rows
+
+
+def row_label(row: dict) -> str:
+    """A row's name in the table, the plot and ``meets_goal``: the method, with its α for a WiSE-FT row."""
+    return f"{row['method']} (α = {row['alpha']:g})" if row.get("alpha") is not None else row["method"]
 
 
 def _shown(value: float | None, digits: int = 3) -> str:
@@ -378,8 +391,7 @@ COLUMNS = ("method", "seeds", "novel AP50", "base AP50", "base kept", "novel / f
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for row in rows:
-        name = f"wise (α = {row['alpha']:g})" if row["method"] == "wise" and row.get("alpha") is not None else row["method"]
-        cells = [name + (" ✓" if row["meets_goal"] else ""), str(row["n"]),
+        cells = [row_label(row) + (" ✓" if row["meets_goal"] else ""), str(row["n"]),
                  _with_std(row["novel_AP50"], row["novel_AP50_std"]), _with_std(row["base_AP50"], row["base_AP50_std"]),
                  _percent(row["base_kept"]), _percent(row["novel_of_full"]), _parameters(row),
                  _shown(row["step_time_s"]), _shown(row["peak_memory_mb"], 0)]
@@ -405,8 +417,9 @@ def plot(rows: list[dict], results: list[dict], path: Path) -> None:
     bars, each seed's result as a small dot."""
     from grounding.protocols.plots import scatter_with_spread
 
-    points = [(row["method"], row["novel_AP50"], row["novel_AP50_std"], row["base_AP50"], row["base_AP50_std"],
-               [(r["novel"]["AP50"], r["base"]["AP50"]) for r in results if r["method"] == row["method"]])
+    points = [(row_label(row), row["novel_AP50"], row["novel_AP50_std"], row["base_AP50"], row["base_AP50_std"],
+               [(r["novel"]["AP50"], r["base"]["AP50"]) for r in results
+                if r["method"] == row["method"] and r.get("alpha") == row.get("alpha")])
               for row in rows if row["novel_AP50"] is not None and row["base_AP50"] is not None]
     reference = {row["method"]: row for row in rows}
     guides = []
@@ -492,23 +505,28 @@ def run(args: argparse.Namespace, runner: Runner = run_training, evaluate: Evalu
 
     record("pretrained", run_cell("pretrained", out, pretrained_cell(setup, evaluate)))
     for seed in args.seeds:
-        full = None
+        trained: dict[str, dict | None] = {}  # this seed's fine-tunes, each run once
+
+        def fine_tune(method: str) -> dict | None:
+            if method not in trained:
+                trained[method] = run_cell(f"{method}_seed{seed}", out, trained_cell(setup, method, seed, runner, evaluate))
+            return trained[method]
+
         for method in args.methods:
-            name = f"{method}_seed{seed}"
-            if method == "wise":
-                if full is None:
-                    full = run_cell(f"full_seed{seed}", out, trained_cell(setup, "full", seed, runner, evaluate))
-                if full is None:
+            if method not in WISE_SOURCES:
+                record(f"{method}_seed{seed}", fine_tune(method))
+                continue
+            source = fine_tune(WISE_SOURCES[method])
+            for alpha in args.wise_alpha:
+                name = f"{method}_a{alpha:g}_seed{seed}"
+                if source is None:
                     failed.append(name)
-                    continue
-                record(name, run_cell(name, out, wise_cell(setup, full, args.wise_alpha, seed, evaluate)))
-            else:
-                result = record(name, run_cell(name, out, trained_cell(setup, method, seed, runner, evaluate)))
-                full = result if method == "full" else full
+                else:
+                    record(name, run_cell(name, out, wise_cell(setup, method, source, alpha, seed, evaluate)))
         write_outputs(out, results, with_plot=False)  # the finished seeds' table, should the protocol stop
     rows = write_outputs(out, results)
     print((out / "table.md").read_text(), end="", flush=True)
-    return {"rows": rows, "meets_goal": [r["method"] for r in rows if r["meets_goal"]], "failed": failed,
+    return {"rows": rows, "meets_goal": [row_label(r) for r in rows if r["meets_goal"]], "failed": failed,
             "table": str(out / "table.md"), "plot": str(out / "forgetting.png")}
 
 
@@ -521,7 +539,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default %(default)s")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every fine-tune (default %(default)s)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="WeightEMA's decay for `ema` (default %(default)s)")
-    parser.add_argument("--wise-alpha", type=float, default=0.5, help="WiSE-FT's weight of the fine-tuned model")
+    parser.add_argument("--wise-alpha", type=float, nargs="+", default=[0.5],
+                        help="WiSE-FT's weight of the fine-tuned model, one row per value (default %(default)s)")
     synthetic = parser.add_argument_group("the synthetic split (without --pretrained)")
     synthetic.add_argument("--synthetic-root", default="data/synthetic")
     synthetic.add_argument("--novel-categories", nargs="+", help="names of the novel categories (default: every second id)")
@@ -541,8 +560,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--pretrained needs --novel-train, --novel-val and at least one --base")
     if args.pretrained is None and (args.novel_train or args.novel_val or args.base):
         parser.error("--novel-train / --novel-val / --base go with --pretrained (without it: the synthetic split)")
-    if not 0 <= args.wise_alpha <= 1:
-        parser.error(f"--wise-alpha must be in [0, 1], got {args.wise_alpha}")
+    for alpha in args.wise_alpha:
+        if not 0 <= alpha <= 1:
+            parser.error(f"--wise-alpha must be in [0, 1], got {alpha:g}")
     if not 0 < args.ema_decay < 1:
         parser.error(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     for flag in ("epochs", "base_epochs"):

@@ -23,6 +23,11 @@ logger folder ``<out>/runs/<NAME>/alpha_<α>``; ARGS must not set ``--ckpt_path`
 checkpoint of ``--model.model IDEA-Research/grounding-dino-tiny``). Only floating-point tensors are
 interpolated; every other entry (integer / bool buffers) must be equal in both models and is copied.
 
+A checkpoint trained with LoRA adapters (``--model.lora.r``) is read with its adapters merged into the weights,
+``W + (alpha / r) B A`` (``grounding.models.detector.detector_state_dict``): θ(α) is then a plain detector's,
+its ``hyper_parameters`` have ``lora: null``, and every benchmark is built with ``--model.lora null`` after its
+ARGS (which may be the LoRA run's own config), as is ``init``.
+
 Writes ``<out>/alpha_<α>.ckpt`` (``state_dict``, and the fine-tuned checkpoint's ``hyper_parameters``, so
 ``--ckpt_path`` and ``load_from_checkpoint`` read it), ``<out>/table.md`` and ``<out>/table.csv`` (one row per
 α; AP and AP50 of each benchmark; rewritten after every α, so an interrupted run keeps its finished rows),
@@ -135,6 +140,31 @@ def load_checkpoint(path: str | Path, what: str) -> dict:
     return checkpoint
 
 
+#: what every evaluation of merged LoRA weights adds to its arguments: the module built without adapters
+WITHOUT_LORA = ["--model.lora", "null"]
+
+
+def merged_lora(checkpoint: dict, what: str) -> tuple[dict, bool]:
+    """``checkpoint`` with its detector's LoRA adapters merged into the plain weights (its ``hyper_parameters``'
+    ``lora`` then None) and whether it had any; a checkpoint without adapters is returned as it is."""
+    from grounding.models.detector import DETECTOR_PREFIX, CheckpointError, detector_state_dict
+    from grounding.models.lora import has_adapters
+
+    state = checkpoint["state_dict"]
+    if not has_adapters(state):
+        return checkpoint, False
+    try:
+        detector = detector_state_dict(checkpoint)
+    except CheckpointError as error:
+        raise ValueError(f"{what}: {error}") from error
+    merged = {key: value for key, value in state.items() if not key.startswith(DETECTOR_PREFIX)}  # the adapters are the detector's
+    merged.update({DETECTOR_PREFIX + key: value for key, value in detector.items()})
+    plain = {**checkpoint, "state_dict": merged}
+    if isinstance(checkpoint.get("hyper_parameters"), dict):
+        plain["hyper_parameters"] = {**checkpoint["hyper_parameters"], "lora": None}
+    return plain, True
+
+
 def init_state_dict(eval_args: list[str]) -> dict:
     """The weights the module is built with from ``eval_args`` (``grounding.cli.build_cli``), on the CPU."""
     from grounding.cli import build_cli
@@ -222,11 +252,14 @@ def run(finetuned: str | Path, zero_shot: str, ratios: list[float], out: str | P
     check_benchmarks(benchmarks)
     ratios = check_ratios(ratios)
     out = Path(out)
-    tuned = load_checkpoint(finetuned, "--finetuned")
-    if zero_shot == "init":
-        start = init_state_dict(benchmarks[0].args)
-    else:
-        start = load_checkpoint(zero_shot, "--zero-shot")["state_dict"]
+    tuned, merged = merged_lora(load_checkpoint(finetuned, "--finetuned"), "--finetuned")
+    start_checkpoint = None if zero_shot == "init" else load_checkpoint(zero_shot, "--zero-shot")
+    if start_checkpoint is not None:
+        start_checkpoint, start_merged = merged_lora(start_checkpoint, "--zero-shot")
+        merged = merged or start_merged
+    if merged:  # plain weights: every module is built without adapters
+        benchmarks = [Benchmark(benchmark.name, [*benchmark.args, *WITHOUT_LORA]) for benchmark in benchmarks]
+    start = init_state_dict(benchmarks[0].args) if start_checkpoint is None else start_checkpoint["state_dict"]
     check_compatible(start, tuned["state_dict"])  # before any checkpoint is written
     names = [benchmark.name for benchmark in benchmarks]
     rows: list[dict] = []
