@@ -269,8 +269,8 @@ class GEMSegmentationModule(_GEMBase):
         if self._text is None:
             raise RuntimeError("GEMSegmentationModule needs the dataset's classes: run it with a SegmentationDataModule or call set_classes")
         ids, label_maps, heatmaps = [], [], []
-        for sample in batch:
-            maps = self.class_maps(sample["image"], self._text)
+        # images of one resized shape go through the vision tower together (a batch of equal-sized images: one pass)
+        for sample, maps in zip(batch, self.dense.many([sample["image"] for sample in batch], self._text)):
             labels = self.predict_labels(maps)
             maps = self.prompted_maps(maps)
             if score:

@@ -397,7 +397,7 @@ def predict_labels(maps: torch.Tensor, out_size: int | Sequence[int]) -> torch.T
         raise ValueError(f"predict_labels: maps must be (C, h, w) or (B, C, h, w), got {tuple(maps.shape)}")
     batched = maps if maps.dim() == 4 else maps[None]
     upsampled = F.interpolate(_working(batched), size=_size(out_size), mode="bilinear", align_corners=False)
-    labels = upsampled.argmax(1)
+    labels = upsampled.max(1).indices
     return labels if maps.dim() == 4 else labels[0]
 
 

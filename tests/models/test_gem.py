@@ -303,6 +303,26 @@ def test_dense_similarity_is_the_resized_map_brought_back_to_the_image_size():
         dense(image[0], names)
 
 
+@pytest.mark.parametrize("method, settings", [("gem", {"depth": 3}), ("clipsurgery", {"depth": 3, "feature_surgery": True}),
+                                              ("naclip", {"pamr": True, "pamr_iterations": 2})])
+def test_many_images_are_each_images_own_maps(method, settings):
+    """Images of one resized shape run as one batch: every image's maps are still its own (GEM's temperature,
+    the surgery's image embedding and PAMR per image); a differently shaped image runs apart."""
+    backbone = build_clip("tiny").double()
+    dense = DenseSimilarity(backbone, method, short_side=32, **settings)
+    generator = torch.Generator().manual_seed(5)
+    images = [(torch.rand(3, *size, generator=generator) * 255).to(torch.uint8)
+              for size in ((40, 56), (48, 40), (40, 56), (40, 57))]  # 1st, 3rd and 4th: one resized shape
+    text = dense.text(["red circle", "blue square", "sky"])
+    together = dense.many(images, text)
+    assert [tuple(m.shape) for m in together] == [(3, *image.shape[-2:]) for image in images]
+    for image, maps in zip(images, together):
+        torch.testing.assert_close(maps, dense(image, text), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(together[0], together[2])  # distinct images, distinct maps: the check can fail
+    with pytest.raises(ValueError, match=r"image must be \(3, H, W\), got \(40, 56\)"):
+        dense.many([images[0][0]], text)
+
+
 def test_labels_with_background_follow_the_softmax_confidence():
     maps = torch.tensor([[[0.30, 0.201, 0.10]], [[0.10, 0.200, 0.30]]])  # (C_fg=2, 1, 3)
     assert labels_with_background(maps, [1, 2], 0).flatten().tolist() == [1, 0, 2]
