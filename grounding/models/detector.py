@@ -146,6 +146,20 @@ def detector_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot merge the checkpoint's LoRA adapters: {error}") from error
 
 
+def kept_boxes(outputs: Any, threshold: float, sizes: Sequence[tuple[int, int]]) -> list[dict]:
+    """transformers' ``post_process_grounded_object_detection`` without its phrase decoding: per image, the
+    boxes whose best token probability exceeds ``threshold`` as ``{"scores", "boxes"}`` ([x0, y0, x1, y1] in
+    the pixels of ``sizes`` (height, width)), by the same operations in the same order, so the values are its own."""
+    from transformers.image_transforms import center_to_corners_format
+
+    scores = torch.max(torch.sigmoid(outputs.logits), dim=-1)[0]
+    boxes = center_to_corners_format(outputs.pred_boxes)
+    heights, widths = torch.Tensor([h for h, _ in sizes]), torch.Tensor([w for _, w in sizes])
+    boxes = boxes * torch.stack([widths, heights, widths, heights], dim=1).to(boxes.device)[:, None, :]
+    return [{"scores": image_scores[image_scores > threshold], "boxes": image_boxes[image_scores > threshold]}
+            for image_scores, image_boxes in zip(scores, boxes)]
+
+
 def checkpoint_image_size(checkpoint: dict) -> tuple[int, int | None]:
     """(image_size, max_size) of the DataModule the checkpoint was trained with (its
     ``datamodule_hyper_parameters``), else the DataModule's defaults (800, 1333)."""
@@ -425,9 +439,12 @@ class GroundingDetector:
         with torch.no_grad():
             outputs = self.model(**inputs)
         sizes = [(image.height, image.width) for image in batch]
-        results = self.processor.post_process_grounded_object_detection(
-            outputs, input_ids=inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold, target_sizes=sizes
-        )
+        if classes is None:  # the phrases of a free text: transformers' post-processing decodes them
+            results = self.processor.post_process_grounded_object_detection(
+                outputs, input_ids=inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold,
+                target_sizes=sizes)
+        else:  # its boxes and scores by its own arithmetic, without decoding phrases the class labels replace
+            results = kept_boxes(outputs, box_threshold, sizes)
         if classes is not None:
             token_map = _class_token_map(self.processor.tokenizer, prompt, classes, outputs.logits.shape[-1]).to(self.device)
             weights = token_map / token_map.sum(-1, keepdim=True)
