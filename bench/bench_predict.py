@@ -2,6 +2,7 @@
 
     python bench/bench_predict.py --quick   # 32 synthetic 96 px images, 1 round (CPU, < 1 minute)
     python bench/bench_predict.py           # 128 images, 3 rounds, also --batch_size 4
+    python bench/bench_predict.py --scale base   # the published models' sizes (random weights), 8 images of 320 px
 
 Two methods, each in this process, on one folder of synthetic images (``grounding.data.synthetic``):
 
@@ -15,6 +16,13 @@ Two methods, each in this process, on one folder of synthetic images (``groundin
   the config's settings: ``read_image``, ``DenseSimilarity``, the arg-max with the config's background rule
   (``labels_with_background``), the class text embedded once. The label maps are compared with the PNGs
   grounding-predict wrote.
+
+``--scale base`` replaces the tiny models by random models of the published sizes, so that the model's cost
+weighs as it does for a user: the detector with ``GroundingDinoConfig()``'s architecture (Swin-T, BERT-base sized
+text encoder; ``SWIN_T`` of bench_masking_overhead.py) resized to 320 px (``--predict.image_size``, the exported
+processor alike), GEM on a ViT-B/16 CLIP (``build_clip("vit-b16-random")``) with GEM's own settings (depth 7,
+short side 448). Its defaults: 8 images of 320 px, 1 round, a one-image first call, no ``--no_pictures`` or
+batch-4 calls (each call costs the model's minutes).
 
 grounding-predict runs in-process through ``grounding.cli.predict([...])``, each call into a fresh ``--out``
 folder (nothing skipped), so a timed call includes what a user's second call pays: building the model and the
@@ -59,6 +67,9 @@ from grounding.data.synthetic import SyntheticConfig, generate  # noqa: E402
 DETECTOR_CONFIG = REPO / "configs" / "image" / "synthetic.yaml"
 GEM_CONFIG = REPO / "configs" / "gem" / "synthetic.yaml"
 DETECTOR_CLASSES = ["red circle", "blue square", "green triangle"]
+#: --scale base: the detector's resize (shorter side, longer side's cap) and GEM's settings on the ViT-B/16
+BASE_DETECTOR_SIZE = (320, 533)
+BASE_GEM = {"backbone": "vit-b16-random", "depth": 7, "short_side": 448}
 GEM_CLASSES = ["background", *DETECTOR_CLASSES]
 
 
@@ -123,14 +134,15 @@ def detector_anchor(folder: Path, prompt: str, threshold: float, text_threshold:
     return run
 
 
-def gem_anchor(files: list[Path], device: str):
-    """The README's GEM loop with the config's settings; returns a function that runs it."""
+def gem_anchor(files: list[Path], device: str, overrides: dict | None = None):
+    """The README's GEM loop with the config's settings (``overrides`` replacing some); returns a function that
+    runs it."""
     from torchvision.io import read_image
 
     from grounding.models.clip import build_clip
     from grounding.models.gem import DenseSimilarity, labels_with_background
 
-    settings = init_args(GEM_CONFIG, "model")
+    settings = {**init_args(GEM_CONFIG, "model"), **(overrides or {})}
     backbone = build_clip(settings["backbone"], image_size=448).to(device).eval()  # as GEMSegmentationModule builds it
     gem = DenseSimilarity(backbone, method=settings["method"], depth=settings["depth"], iterations=settings["iterations"],
                           short_side=settings["short_side"])
@@ -187,7 +199,7 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
             device: str) -> tuple[dict, Path, object]:
     """First call, rounds of predict / anchor in turn, batch ``also_batch``, a one-image call."""
     inputs = [str(folder)]
-    first, _, _ = runner(inputs, args.batch_size, device)
+    first, _, _ = runner([str(files[0])] if args.scale == "base" else inputs, args.batch_size, device)
     anchor(files[:2])  # the anchor's own lazy initialization, untimed
     predict_times, anchor_times, batched_times, bare_times = [], [], [], []
     last_out, anchor_result = None, None
@@ -201,7 +213,8 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
         anchor_times.append(time.perf_counter() - start)
         if args.also_batch and args.also_batch != args.batch_size:
             batched_times.append(runner(inputs, args.also_batch, device)[0])
-        bare_times.append(runner(inputs, args.batch_size, device, ("--no_pictures",))[0])
+        if args.no_pictures_calls:
+            bare_times.append(runner(inputs, args.batch_size, device, ("--no_pictures",))[0])
     one, _, _ = runner([str(files[0])], args.batch_size, device)
     n = len(files)
     predict_rate = n / statistics.median(predict_times)
@@ -212,9 +225,10 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
         f"{name}_predict_images_per_s": round(predict_rate, 2),
         f"{name}_anchor_images_per_s": round(anchor_rate, 2),
         f"{name}_predict_over_anchor": round(predict_rate / anchor_rate, 3),
-        f"{name}_no_pictures_images_per_s": round(n / statistics.median(bare_times), 2),
-        f"{name}_no_pictures_over_anchor": round(n / statistics.median(bare_times) / anchor_rate, 3),
     }
+    if bare_times:
+        figures[f"{name}_no_pictures_images_per_s"] = round(n / statistics.median(bare_times), 2)
+        figures[f"{name}_no_pictures_over_anchor"] = round(n / statistics.median(bare_times) / anchor_rate, 3)
     if n > 1 and statistics.median(predict_times) > one:  # the per-image rate once a call's fixed cost is paid
         steady = (n - 1) / (statistics.median(predict_times) - one)
         figures[f"{name}_steady_images_per_s"] = round(steady, 2)
@@ -227,29 +241,39 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 images, 1 round")
-    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 128; quick 32)")
-    parser.add_argument("--size", type=int, default=96, help="side of the synthetic images in pixels (default 96)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; quick 1)")
+    parser.add_argument("--scale", choices=["tiny", "base"], default="tiny",
+                        help="tiny: the synthetic configs' models; base: random models of the published sizes")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 128; quick 32; base 8)")
+    parser.add_argument("--size", type=int, default=None, help="side of the synthetic images in pixels (default 96; base 320)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; quick and base 1)")
     parser.add_argument("--batch_size", type=int, default=1, help="grounding-predict's --batch_size (default 1)")
     parser.add_argument("--num_workers", type=int, default=0, help="grounding-predict's --num_workers (default 0)")
-    parser.add_argument("--also_batch", type=int, default=4, help="also time grounding-predict at this --batch_size (0: no)")
+    parser.add_argument("--also_batch", type=int, default=None,
+                        help="also time grounding-predict at this --batch_size (default 4; base 0: no)")
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector threshold, both sides (default 0.35)")
     parser.add_argument("--text_threshold", type=float, default=0.25)
-    parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image, both sides")
+    parser.add_argument("--top_k", type=int, default=20, help="detector: at most this many boxes per image, both sides "
+                        "(default 20: the random models score nearly every query above the threshold, a trained one keeps "
+                        "tens of boxes; 0: every box)")
     parser.add_argument("--methods", nargs="+", choices=["detector", "gem"], default=["detector", "gem"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; 0: torch's own choice)")
     parser.add_argument("--out", default=None, help="also write the JSON figures to this file")
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.top_k = args.top_k or None
     if args.threads and device == "cpu":
         torch.set_num_threads(args.threads)
-    images = args.images or (32 if args.quick else 128)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    base_scale = args.scale == "base"
+    images = args.images or (8 if base_scale else 32 if args.quick else 128)
+    args.size = args.size or (320 if base_scale else 96)
+    args.rounds = args.rounds or (1 if args.quick or base_scale else 3)
+    args.also_batch = (0 if base_scale else 4) if args.also_batch is None else args.also_batch
+    args.no_pictures_calls = not base_scale
     load_start = os.getloadavg()[0]
 
     figures: dict = {"device": f"{device} x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name(),
-                     "images": images, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size,
+                     "scale": args.scale, "images": images, "top_k": args.top_k, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size,
                      "num_workers": args.num_workers}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
@@ -263,13 +287,20 @@ def main() -> None:
 
             data = init_args(DETECTOR_CONFIG, "data")
             torch.manual_seed(0)
-            model, tokenizer = build_grounding_dino(init_args(DETECTOR_CONFIG, "model")["model"])
+            if base_scale:
+                from bench_masking_overhead import SWIN_T
+
+                model, tokenizer = build_grounding_dino("tiny", SWIN_T)
+                data = {"image_size": BASE_DETECTOR_SIZE[0], "max_size": BASE_DETECTOR_SIZE[1]}
+            else:
+                model, tokenizer = build_grounding_dino(init_args(DETECTOR_CONFIG, "model")["model"])
             processor = build_processor(tokenizer, data["image_size"], data["max_size"])
             exported = GroundingDetector(model, processor).save_pretrained(work / "detector")
             del model
             base = ["--config", str(DETECTOR_CONFIG), "--model.model", str(exported), "--classes", ", ".join(DETECTOR_CLASSES),
                     "--box_threshold", str(args.box_threshold), "--text_threshold", str(args.text_threshold),
-                    *(["--top_k", str(args.top_k)] if args.top_k else [])]
+                    *(["--top_k", str(args.top_k)] if args.top_k else []),
+                    "--predict.image_size", str(data["image_size"]), "--predict.max_size", str(data["max_size"])]
             runner = PredictRunner(work / "detector_runs", base, device, args.num_workers)
             anchor = detector_anchor(exported, class_prompt(DETECTOR_CLASSES), args.box_threshold, args.text_threshold,
                                      args.top_k, device)
@@ -281,9 +312,11 @@ def main() -> None:
         if "gem" in args.methods:
             from PIL import Image
 
-            runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES)], device,
+            overrides = BASE_GEM if base_scale else {}
+            runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES),
+                                                       *[f"--model.{k}={v}" for k, v in overrides.items()]], device,
                                    args.num_workers)
-            anchor = gem_anchor(files, device)
+            anchor = gem_anchor(files, device, overrides)
             measured, out, anchor_result = measure("gem", runner, anchor, files, folder, args, device)
             figures.update(measured)
             equal = sum(np.array_equal(np.array(Image.open(out / "labels" / f"{image_id}.png")), labels)
