@@ -11,17 +11,23 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from .conftest import TEST_MODEL_CONFIG
+from .conftest import TEST_MODEL_CONFIG, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def run(script, *args, cwd, env=None):
-    result = subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-    )
+def run(script, *args, cwd, env=None, in_process=False):
+    """The summary line of ``python SCRIPT ARGS``; ``in_process``: run in this process (a DDP comparison's 1-process
+    reference: no subprocess imports), ``env``'s OMP_NUM_THREADS as its torch threads."""
+    if in_process:
+        threads = (env or {}).get("OMP_NUM_THREADS")
+        result = run_in_process(script, list(args), cwd, threads=None if threads is None else int(threads))
+    else:
+        result = subprocess.run(
+            [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+            env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -91,7 +97,7 @@ def test_ddp_evaluation_on_two_processes_equals_one(training_run, synthetic_root
         out = run(
             "eval.py", *common_args(synthetic_root, folder / f"ddp{devices}"), "--ckpt_path", checkpoint,
             "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
-            "--data.eval_batch_size", "2", cwd=folder,
+            "--data.eval_batch_size", "2", cwd=folder, in_process=devices == 1,
         )
         predictions = json.loads((Path(out["run_dir"]) / "predictions" / "val.json").read_text())
         results[devices] = (out, predictions)
@@ -130,7 +136,7 @@ def test_maskinversion_eval_on_two_processes_equals_one(synthetic_root, tmp_path
     for devices in (1, 2):
         out = run(
             "eval.py", *maskinversion_args(synthetic_root, tmp_path / f"mi{devices}"), "--trainer.devices", str(devices),
-            "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path,
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, in_process=devices == 1,
         )
         saved = torch.load(Path(out["run_dir"]) / "predictions" / "maskinversion_val.pt", weights_only=False)
         results[devices] = (out, saved)
@@ -206,6 +212,7 @@ def test_invseg_eval_on_two_processes_equals_one(synthetic_root, tmp_path):
             "--trainer.logger.init_args.save_dir", str(tmp_path / f"is{devices}"), "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+            in_process=devices == 1,
         )
         outputs[devices] = out
     one, two = outputs[1], outputs[2]
@@ -246,6 +253,7 @@ def test_gem_eval_on_two_processes_equals_one(synthetic_root, tmp_path, config, 
             "--trainer.logger.init_args.save_dir", str(tmp_path / f"gem{devices}"), "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices > 1 else "auto", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+            in_process=devices == 1,
         )
     assert outputs[1]["split"] == "val" and outputs[1][metric] is not None
     assert outputs[2][metric] == pytest.approx(outputs[1][metric], abs=1e-6)

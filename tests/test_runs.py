@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TEST_MODEL_CONFIG
+from .conftest import TEST_MODEL_CONFIG, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -42,7 +42,11 @@ def train_args(root, save_dir, *extra, model_config=TEST_MODEL_CONFIG):
     ]
 
 
-def run(script, args, cwd, expect=0):
+def run(script, args, cwd, expect=0, in_process=False):
+    """``python SCRIPT ARGS`` in ``cwd``; ``in_process``: in this process (a DDP comparison's 1-process reference: no
+    subprocess imports)."""
+    if in_process:
+        return run_in_process(script, args, cwd)
     result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == expect, result.stderr[-4000:]
@@ -67,7 +71,7 @@ def test_ddp_training_on_two_processes_equals_one_process_with_the_same_global_b
             "--trainer.strategy", "ddp" if devices > 1 else "auto", "--data.batch_size", str(batch),
             "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.precision", "64-true",
             "--model.denoising.number", "0", model_config=NO_DROPOUT,
-        ), cwd=tmp_path)
+        ), cwd=tmp_path, in_process=devices == 1)
         out = summary(result)
         results[devices] = (out, weights(Path(out["run_dir"]) / "checkpoints" / "last.ckpt"))
         # output captured (not a terminal): plain lines at each evaluation, once (rank 0), no progress bar

@@ -28,7 +28,7 @@ from grounding.models.adaptive_masking import MaskingConfig
 from grounding.models.denoising import DenoisingConfig
 from grounding.models.tokenizer import build_wordpiece_tokenizer
 
-from ..conftest import TEST_MODEL_CONFIG
+from ..conftest import TEST_MODEL_CONFIG, run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 L_TEXT = TEST_MODEL_CONFIG["max_text_len"]
@@ -272,21 +272,24 @@ def test_two_processes_train_and_evaluate_grounding_as_one(synthetic_root, flick
            {"anno": str(path), "image_root": images, "name": "flickr", "protocol": "phrase"}]
     outputs = {}
     for devices, batch in ((1, 4), (2, 2)):
-        result = subprocess.run(
-            [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "image" / "synthetic_grounding.yaml"),
-             "--model.init_args.model_config", json.dumps(NO_DROPOUT), "--model.init_args.denoising.number", "0",
-             "--model.init_args.log_images", "false", "--data.init_args.format", "odvg",
-             "--data.init_args.synthetic_root", "null", "--data.init_args.detection_eval", "false",
-             "--data.init_args.train", json.dumps(train), "--data.init_args.val", json.dumps(val),
-             "--data.init_args.val_detection", json.dumps({"annotations": str(syn.instances_path(synthetic_root, "val")), "images": images}),
-             "--data.init_args.image_size", "96", "--data.init_args.max_size", "128", "--data.init_args.batch_size", str(batch),
-             "--data.init_args.eval_batch_size", "3", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-             "--trainer.precision", "64-true", "--validate_before_fit", "false",
-             "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
-             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
-        )
+        args = ["--config", str(REPO / "configs" / "image" / "synthetic_grounding.yaml"),
+                "--model.init_args.model_config", json.dumps(NO_DROPOUT), "--model.init_args.denoising.number", "0",
+                "--model.init_args.log_images", "false", "--data.init_args.format", "odvg",
+                "--data.init_args.synthetic_root", "null", "--data.init_args.detection_eval", "false",
+                "--data.init_args.train", json.dumps(train), "--data.init_args.val", json.dumps(val),
+                "--data.init_args.val_detection", json.dumps({"annotations": str(syn.instances_path(synthetic_root, "val")), "images": images}),
+                "--data.init_args.image_size", "96", "--data.init_args.max_size", "128", "--data.init_args.batch_size", str(batch),
+                "--data.init_args.eval_batch_size", "3", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+                "--trainer.precision", "64-true", "--validate_before_fit", "false",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
+                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto"]
+        if devices == 1:  # the reference, in this process: no subprocess imports
+            result = run_in_process("train.py", args, tmp_path, threads=1)
+        else:
+            result = subprocess.run(
+                [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+            )
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[devices] = json.loads(result.stdout.strip().splitlines()[-1])
     one, two = outputs[1], outputs[2]

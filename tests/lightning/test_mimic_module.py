@@ -33,6 +33,8 @@ from grounding.models.mimic import (
     synthesize,
 )
 
+from ..conftest import run_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 SYNTHESIS = SynthesisSettings(iterations=3, jitter=1, samples_per_target=2)
 ONE_SAMPLE = SynthesisSettings(iterations=3, jitter=1, samples_per_target=1)
@@ -207,16 +209,19 @@ def test_two_processes_split_the_targets_and_write_every_image_once(synthetic_ro
     once, every target synthesized once (test/syntheses)."""
     outputs = {}
     for devices in (1, 2):
-        result = subprocess.run(
-            [sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs" / "mimic" / "synthetic.yaml"),
-             "--data.init_args.synthetic_root", str(synthetic_root), "--model.init_args.synthesis.iterations", "3",
-             "--model.init_args.cache_dir", str(tmp_path / "cache"),
-             "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
-             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-             "--trainer.strategy", "ddp_spawn" if devices > 1 else "auto"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
-        )
+        args = ["--config", str(REPO / "configs" / "mimic" / "synthetic.yaml"),
+                "--data.init_args.synthetic_root", str(synthetic_root), "--model.init_args.synthesis.iterations", "3",
+                "--model.init_args.cache_dir", str(tmp_path / "cache"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / f"d{devices}"), "--trainer.enable_progress_bar", "false",
+                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                "--trainer.strategy", "ddp_spawn" if devices > 1 else "auto"]
+        if devices == 1:  # the reference, in this process: no subprocess imports
+            result = run_in_process("eval.py", args, tmp_path, threads=1)
+        else:
+            result = subprocess.run(
+                [sys.executable, str(REPO / "eval.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+            )
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[devices] = json.loads(result.stdout.strip().splitlines()[-1])
     one, two = outputs[1], outputs[2]

@@ -365,7 +365,7 @@ def test_two_processes_with_lora_take_the_steps_of_one_with_the_global_batch(syn
             "--model.lora.target_modules", "[encoder_attention, fusion, decoder_attention, decoder_ffn, backbone]",
             "--trainer.callbacks+=grounding.lightning.ema.WeightEMA", "--trainer.callbacks.decay", "0.5",
             model_config=NO_DROPOUT,
-        ), cwd=tmp_path)
+        ), cwd=tmp_path, in_process=devices == 1)
         assert len(re.findall(r"parameters: [\d,]+ trainable of", result.stderr)) == 1  # logged by rank 0 only
         out = summary(result)
         checkpoint = torch.load(Path(out["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
