@@ -90,21 +90,26 @@ def check_label_values(labels: np.ndarray, num_classes: int, where: str) -> None
 
 
 # ------------------------------------------------------------------------------------- class and image lists
-def read_class_names(classes_file: str | Path) -> list[str]:
-    """Class names of a ``classes.txt`` (one per line, line index = label value; trailing blank lines ignored)."""
-    path = Path(classes_file)
+def _class_lines(path: Path, what: str, missing_hint: str = "") -> list[str]:
+    """The lines of a one-class-per-line file (line index = label value), trailing blank lines dropped; errors
+    name the ``what`` file: missing, no class, or an empty line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"classes file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}{missing_hint}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"classes file {path} lists no class")
+        raise ValueError(f"{what} file {path} lists no class")
     for number, line in enumerate(lines, 1):
         if not line.strip():
-            raise ValueError(f"classes file {path}: line {number} is empty (the line index is the label value)")
-    return [" ".join(line.lower().split()) for line in lines]
+            raise ValueError(f"{what} file {path}: line {number} is empty (the line index is the label value)")
+    return lines
+
+
+def read_class_names(classes_file: str | Path) -> list[str]:
+    """Class names of a ``classes.txt`` (one per line, line index = label value; trailing blank lines ignored)."""
+    return [" ".join(line.lower().split()) for line in _class_lines(Path(classes_file), "classes")]
 
 
 SYNONYMS_DIR = Path(__file__).with_name("class_names")
@@ -129,18 +134,9 @@ def read_class_synonyms(path_or_builtin: str | Path) -> list[list[str]]:
     file or a name of ``BUILTIN_SYNONYMS``. Errors name the file: missing, no class, an empty line (the line
     index is the label value) or an empty synonym."""
     path = synonyms_path(path_or_builtin)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"synonyms file not found: {path} (built-in lists: {', '.join(BUILTIN_SYNONYMS)})") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"synonyms file {path} lists no class")
+    lines = _class_lines(path, "synonyms", f" (built-in lists: {', '.join(BUILTIN_SYNONYMS)})")
     synonyms = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            raise ValueError(f"synonyms file {path}: line {number} is empty (the line index is the label value)")
         words = [" ".join(word.split()) for word in line.split(",")]
         if not all(words):
             raise ValueError(f"synonyms file {path}: line {number} has an empty synonym: {line!r}")
