@@ -17,6 +17,14 @@ Two methods, each in this process, on one folder of synthetic images (``groundin
   (``labels_with_background``), the class text embedded once. The label maps are compared with the PNGs
   grounding-predict wrote.
 
+``--vocabulary coco`` gives the detector (both sides) the COCO class names instead of the three synthetic ones,
+as many of them, in the benchmark's order, as fit the model's ``max_text_len`` tokens (all 80 fit Grounding
+DINO's 256 BERT tokens; the offline tokenizer of the random models spends more tokens a name): a long prompt, as
+a user's class list is. grounding-predict runs the text encoder once per prompt for the whole call
+(``grounding.models.grounding_dino.cached_text_features``), transformers' loop once per image, so the longer the
+prompt, the larger the share of the loop's time grounding-predict saves. GEM always gets the synthetic classes
+(both sides embed the class text once).
+
 ``--scale base`` replaces the tiny models by random models of the published sizes, so that the model's cost
 weighs as it does for a user: the detector with ``GroundingDinoConfig()``'s architecture (Swin-T, BERT-base sized
 text encoder; ``SWIN_T`` of bench_masking_overhead.py) resized to 320 px (``--predict.image_size``, the exported
@@ -71,6 +79,19 @@ DETECTOR_CLASSES = ["red circle", "blue square", "green triangle"]
 BASE_DETECTOR_SIZE = (320, 533)
 BASE_GEM = {"backbone": "vit-b16-random", "depth": 7, "short_side": 448}
 GEM_CLASSES = ["background", *DETECTOR_CLASSES]
+
+
+def coco_classes(tokenizer, max_text_len: int) -> list[str]:
+    """The COCO class names (``class_names/coco_object.txt``, the first name of each line, background left
+    out), as many as fit ``max_text_len`` tokens as one prompt."""
+    from grounding.data.label_maps import read_class_synonyms
+    from grounding.models.detector import class_prompt
+
+    names = [synonyms[0] for synonyms in read_class_synonyms("coco_object")[1:]]
+    count = len(names)
+    while count > 1 and len(tokenizer(class_prompt(names[:count]))["input_ids"]) > max_text_len:
+        count -= 1
+    return names[:count]
 
 
 def init_args(config: Path, section: str) -> dict:
@@ -255,6 +276,8 @@ def main() -> None:
     parser.add_argument("--top_k", type=int, default=20, help="detector: at most this many boxes per image, both sides "
                         "(default 20: the random models score nearly every query above the threshold, a trained one keeps "
                         "tens of boxes; 0: every box)")
+    parser.add_argument("--vocabulary", choices=["synthetic", "coco"], default="synthetic",
+                        help="the detector's classes: the three synthetic shapes, or the COCO names that fit its prompt")
     parser.add_argument("--methods", nargs="+", choices=["detector", "gem"], default=["detector", "gem"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; 0: torch's own choice)")
@@ -274,7 +297,7 @@ def main() -> None:
 
     figures: dict = {"device": f"{device} x{torch.get_num_threads()}" if device == "cpu" else torch.cuda.get_device_name(),
                      "scale": args.scale, "images": images, "top_k": args.top_k, "image_px": args.size, "rounds": args.rounds, "batch_size": args.batch_size,
-                     "num_workers": args.num_workers}
+                     "num_workers": args.num_workers, "vocabulary": args.vocabulary}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
         root = generate(work / "data", SyntheticConfig(image_size=args.size, num_train=0, num_val=images, num_test=0, seed=7))
@@ -294,15 +317,18 @@ def main() -> None:
                 data = {"image_size": BASE_DETECTOR_SIZE[0], "max_size": BASE_DETECTOR_SIZE[1]}
             else:
                 model, tokenizer = build_grounding_dino(init_args(DETECTOR_CONFIG, "model")["model"])
+            classes = DETECTOR_CLASSES if args.vocabulary == "synthetic" else coco_classes(tokenizer, model.config.max_text_len)
+            figures["detector_classes"] = len(classes)
+            figures["detector_prompt_tokens"] = len(tokenizer(class_prompt(classes))["input_ids"])
             processor = build_processor(tokenizer, data["image_size"], data["max_size"])
             exported = GroundingDetector(model, processor).save_pretrained(work / "detector")
             del model
-            base = ["--config", str(DETECTOR_CONFIG), "--model.model", str(exported), "--classes", ", ".join(DETECTOR_CLASSES),
+            base = ["--config", str(DETECTOR_CONFIG), "--model.model", str(exported), "--classes", ", ".join(classes),
                     "--box_threshold", str(args.box_threshold), "--text_threshold", str(args.text_threshold),
                     *(["--top_k", str(args.top_k)] if args.top_k else []),
                     "--predict.image_size", str(data["image_size"]), "--predict.max_size", str(data["max_size"])]
             runner = PredictRunner(work / "detector_runs", base, device, args.num_workers)
-            anchor = detector_anchor(exported, class_prompt(DETECTOR_CLASSES), args.box_threshold, args.text_threshold,
+            anchor = detector_anchor(exported, class_prompt(classes), args.box_threshold, args.text_threshold,
                                      args.top_k, device)
             measured, out, anchor_result = measure("detector", runner, anchor, files, folder, args, device)
             figures.update(measured)

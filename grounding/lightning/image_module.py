@@ -34,7 +34,9 @@ from grounding.models.checkpointing import set_gradient_checkpointing
 from grounding.models.denoising import ContrastiveDenoising, DenoisingConfig, denoising_training
 from grounding.models.freezing import FreezePart, freeze_parts, resolve_freeze
 from grounding.models.grounding_dino import (
+    TextFeatureCache,
     build_grounding_dino,
+    cached_text_features,
     encoder_token_count,
     feature_masking,
     freeze_untrained,
@@ -171,6 +173,7 @@ class ImageGroundingModule(L.LightningModule):
         self.prompts: list[Prompt] = []
         self.categories: dict[int, str] = {}
         self.metrics = torch.nn.ModuleDict()  # split -> CocoBoxMetric or LvisFixedAPMetric, made in setup from the datamodule
+        self.text_features = TextFeatureCache()  # the prompts' text encoder output, kept while its weights stay
 
     # ----------------------------------------------------------------------------------------- set-up
     def set_categories(self, categories: dict[int, str]) -> None:
@@ -327,14 +330,17 @@ class ImageGroundingModule(L.LightningModule):
     def detect(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, orig_sizes: torch.Tensor,
                share_backbone: bool = True) -> list[dict]:
         """Top ``num_detections`` detections per image over all prompts; the image backbone runs once for all
-        of them (``shared_image_backbone``; ``share_backbone=False`` reruns it per prompt).
+        of them (``shared_image_backbone``; ``share_backbone=False`` reruns it per prompt), and the text encoder
+        once per prompt while its weights stay the same (``cached_text_features``: over the images of a batch and
+        over batches).
 
         pixel_values (B, 3, H, W), pixel_mask (B, H, W), orig_sizes (B, 2) as (h, w). Returns per image
         ``boxes`` (n, 4) xywh in original pixels, ``scores`` (n,), ``category_ids`` (n,) of the dataset.
         """
         b = pixel_values.shape[0]
         all_scores, all_boxes, all_categories = [], [], []
-        with shared_image_backbone(self.detector) if share_backbone else contextlib.nullcontext():
+        with shared_image_backbone(self.detector) if share_backbone else contextlib.nullcontext(), \
+                cached_text_features(self.detector, self.text_features):
             for prompt in self.prompts:
                 outputs = self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask, **self._text_inputs(prompt, b))
                 scores = category_scores(outputs.logits.float(), prompt.positive_map.to(self.device))  # (B, Q, C)

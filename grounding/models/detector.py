@@ -48,7 +48,7 @@ from transformers.image_utils import load_image
 
 from grounding.checkpoints import UnsafeCheckpointError, load_checkpoint
 from grounding.constants import IMAGENET_MEAN, IMAGENET_STD
-from grounding.models.grounding_dino import build_grounding_dino, encoder_token_count
+from grounding.models.grounding_dino import TextFeatureCache, build_grounding_dino, cached_text_features, encoder_token_count
 from grounding.models.lora import has_adapters, lora_settings, merged_state_dict
 
 #: the LightningModule whose checkpoints ``from_checkpoint`` reads (LightningCLI stores it as ``_class_path``)
@@ -298,6 +298,8 @@ class GroundingDetector:
     def __init__(self, model: torch.nn.Module, processor: GroundingDinoProcessor):
         self.model = model.eval()
         self.processor = processor
+        #: the text encoder's output per prompt, computed once for the images and calls that share a prompt
+        self.text_features = TextFeatureCache()
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -436,7 +438,7 @@ class GroundingDetector:
             key: value.to(self.device, dtype=dtype) if key == "pixel_values" else value.to(self.device)
             for key, value in inputs.items()
         }
-        with torch.no_grad():
+        with torch.no_grad(), cached_text_features(self.model, self.text_features):
             outputs = self.model(**inputs)
         sizes = [(image.height, image.width) for image in batch]
         if classes is None:  # the phrases of a free text: transformers' post-processing decodes them

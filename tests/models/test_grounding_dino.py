@@ -200,3 +200,89 @@ def test_encoder_token_count_equals_the_model_feature_maps(height, width):
         hook.remove()
     assert len(sizes) == model.config.num_feature_levels
     assert encoder_token_count(model.config, height, width) == sum(sizes)
+
+
+def _two_prompt_batch(tokenizer, model, rows: list[int]):
+    """Inputs of len(rows) random images, image i with prompt rows[i] of two class prompts (padded alike)."""
+    texts = ["red circle . blue square .", "green triangle ."]
+    encoded = tokenizer([texts[r] for r in rows], padding="longest", return_tensors="pt")
+    generator = torch.Generator().manual_seed(3)
+    return {"pixel_values": torch.randn(len(rows), 3, 96, 96, generator=generator),
+            "pixel_mask": torch.ones(len(rows), 96, 96, dtype=torch.long), **encoded}
+
+
+def _close(a, b) -> bool:
+    """Equal up to float rounding; the logits' -inf (padding tokens) on the same places."""
+    return torch.equal(a.isinf(), b.isinf()) and torch.allclose(a.nan_to_num(posinf=0, neginf=0), b.nan_to_num(posinf=0, neginf=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mm"])
+def test_cached_text_features_run_the_text_encoder_once_per_distinct_prompt(name):
+    """The outputs equal the uncached model's; the encoder sees each distinct prompt row once, over the images
+    of a batch and over calls; a change of its weights in place drops what was kept."""
+    from grounding.models.grounding_dino import TextFeatureCache, cached_text_features
+
+    model, tokenizer = build_grounding_dino(name, TEST_MODEL_CONFIG)
+    model.eval()
+    encoder = model.model.text_backbone
+    seen = []  # the batch sizes the encoder's layers compute (hooks on the encoder itself see every call)
+    encoder.embeddings.register_forward_hook(lambda module, args, output: seen.append(output.shape[0]))
+    inputs = _two_prompt_batch(tokenizer, model, [0, 1, 0, 0])
+    with torch.no_grad():
+        reference = model(**inputs)
+        seen.clear()
+        cache = TextFeatureCache()
+        with cached_text_features(model, cache) as used:
+            assert used is cache
+            first = model(**inputs)
+            second = model(**inputs)
+        assert seen == [2]  # one encoder pass of the two distinct rows; the second call none
+        assert (cache.computed, cache.reused) == (2, 6)
+        for outputs in (first, second):
+            assert _close(outputs.logits, reference.logits) and torch.allclose(outputs.pred_boxes, reference.pred_boxes, atol=1e-5)
+        assert "forward" not in vars(encoder)  # the module's own forward is back after the block
+
+        weight = encoder.embeddings.word_embeddings.weight  # changed in place: its version moves, the cache is dropped
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)))
+        changed = model(**inputs)
+        assert not _close(changed.logits, reference.logits)
+        seen.clear()
+        with cached_text_features(model, cache):
+            recomputed = model(**inputs)
+        assert seen == [2] and cache.computed == 4
+        assert _close(recomputed.logits, changed.logits)
+
+
+def test_cached_text_features_leave_calls_that_need_a_gradient_alone():
+    """With gradients on, the encoder runs as usual (and gets its gradient); nothing is kept."""
+    from grounding.models.grounding_dino import TextFeatureCache, cached_text_features
+
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model.eval()
+    inputs = _two_prompt_batch(tokenizer, model, [0, 0])
+    cache = TextFeatureCache()
+    with cached_text_features(model, cache):
+        model(**inputs).logits.nan_to_num(neginf=0).sum().backward()
+    weight = model.model.text_backbone.embeddings.word_embeddings.weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    assert (cache.computed, cache.reused, len(cache.entries)) == (0, 0, 0)
+
+
+def test_text_feature_cache_keeps_at_most_max_bytes_and_copies_start_empty():
+    import copy
+    import pickle
+
+    from grounding.models.grounding_dino import TextFeatureCache, cached_text_features
+
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model.eval()
+    inputs = _two_prompt_batch(tokenizer, model, [0, 1])
+    length, width = inputs["input_ids"].shape[1], model.config.text_config.hidden_size
+    cache = TextFeatureCache(max_bytes=length * width * 4)  # room for one prompt's features
+    with torch.no_grad(), cached_text_features(model, cache):
+        model(**inputs)
+        assert len(cache.entries) == 1 and cache.size == length * width * 4
+        model(**inputs)  # the dropped row is computed again
+    assert cache.computed == 3
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert len(copied.entries) == 0 and copied.max_bytes == cache.max_bytes
