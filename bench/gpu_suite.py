@@ -52,7 +52,8 @@ predict                    25   the tiny detector and GEM of the synthetic confi
                                 images: images/s of grounding-predict against transformers' own loop and
                                 the plain DenseSimilarity loop (target: ratio >= 1).
 vocabulary                 25   Swin-T sizes, 800x1333, batch 2, bf16: evaluation images/s at 80 and 1,203
-                                category names, the image backbone once per batch vs once per prompt.
+                                category names, the image backbone once per batch vs once per prompt, the
+                                text encoder once per prompt vs once per image and prompt.
 importance_prior           25   IMAGE's importance prior on the stride-8 grid of 800x1333 (100x167 =
                                 16,700 tokens, D 256, batch 2) on CUDA: exact chunked vs pooled (default),
                                 median time of 3 and peak memory, each in a fresh process.
@@ -180,7 +181,8 @@ BENCHES: tuple[Bench, ...] = (
           (), ("--quick", "--counts", "80"), 25,
           "Grounding DINO at Swin-T sizes (random weights), 800×1333, batch 2, bf16: evaluation images/s at 80 and "
           "1,203 category names (2 and about 25 prompts of 256 tokens), the image backbone once per batch vs once "
-          "per prompt (3 batches each, interleaved), and that both give the same detections."),
+          "per prompt, the text encoder once per prompt vs once per image and prompt (3 batches each, interleaved), "
+          "and that every path gives the same detections."),
     Bench("importance_prior", "IMAGE: importance prior at the stride-8 grid", "bench_importance_prior.py",
           ("--cuda-only",),
           ("--quick", "--height", "25", "--width", "42"), 25,

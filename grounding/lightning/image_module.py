@@ -328,21 +328,22 @@ class ImageGroundingModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def detect(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, orig_sizes: torch.Tensor,
-               share_backbone: bool = True) -> list[dict]:
+               share_backbone: bool = True, cache_text: bool = True) -> list[dict]:
         """Top ``num_detections`` detections per image over all prompts; the image backbone runs once for all
         of them (``shared_image_backbone``; ``share_backbone=False`` reruns it per prompt), and the text encoder
         once per prompt while its weights stay the same (``cached_text_features``: over the images of a batch and
-        over batches).
+        over batches; ``cache_text=False`` reruns it per image and prompt).
 
         pixel_values (B, 3, H, W), pixel_mask (B, H, W), orig_sizes (B, 2) as (h, w). Returns per image
         ``boxes`` (n, 4) xywh in original pixels, ``scores`` (n,), ``category_ids`` (n,) of the dataset.
         """
         b = pixel_values.shape[0]
         all_scores, all_boxes, all_categories = [], [], []
-        with shared_image_backbone(self.detector) if share_backbone else contextlib.nullcontext(), \
-                cached_text_features(self.detector, self.text_features):
+        with shared_image_backbone(self.detector) if share_backbone else contextlib.nullcontext():
             for prompt in self.prompts:
-                outputs = self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask, **self._text_inputs(prompt, b))
+                token_ids = prompt.input_ids.cpu().unsqueeze(0).expand(b, -1)  # the rows' keys, read on the CPU
+                with cached_text_features(self.detector, self.text_features, token_ids) if cache_text else contextlib.nullcontext():
+                    outputs = self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask, **self._text_inputs(prompt, b))
                 scores = category_scores(outputs.logits.float(), prompt.positive_map.to(self.device))  # (B, Q, C)
                 q, c = scores.shape[1:]
                 all_scores.append(scores.reshape(b, q * c))

@@ -434,11 +434,12 @@ class GroundingDetector:
                 " use larger images or a larger image_size"
             )
         dtype = next(self.model.parameters()).dtype
+        on_cpu = (inputs["input_ids"], inputs.get("token_type_ids"))  # the text rows' keys, read without the device
         inputs = {
             key: value.to(self.device, dtype=dtype) if key == "pixel_values" else value.to(self.device)
             for key, value in inputs.items()
         }
-        with torch.no_grad(), cached_text_features(self.model, self.text_features):
+        with torch.no_grad(), cached_text_features(self.model, self.text_features, *on_cpu):
             outputs = self.model(**inputs)
         sizes = [(image.height, image.width) for image in batch]
         if classes is None:  # the phrases of a free text: transformers' post-processing decodes them

@@ -348,10 +348,11 @@ class TextFeatureCache:
     Grounding DINO runs its text encoder (BERT) on every image's prompt, although a run over a folder or a
     dataset gives every image the same prompts; on a 256-token prompt that encoder alone costs about 44
     GFLOPs an image, more than the Swin-T backbone at 800 px. Inside ``cached_text_features`` the encoder runs
-    once per distinct row of its inputs (token ids, the phrase-wise attention mask, token types and position
-    ids, compared byte for byte): once for the rows a batch repeats, and not again for a row an earlier call
-    computed. Its output for a row does not depend on the other rows of the batch, so the cached features are
-    the ones the encoder would give, up to the float rounding of a matrix product of another batch size.
+    once per distinct row of its inputs: once for the rows a batch repeats, and not again for a row an earlier
+    call computed. A row is known by its token ids and token types: the detector's forward derives the
+    encoder's other inputs (the phrase-wise attention mask, the position ids) from the token ids. The encoder's
+    output for a row does not depend on the other rows of the batch, so the cached features are the ones it
+    would give, up to the float rounding of a matrix product of another batch size.
 
     The entries are dropped whenever the encoder's weights may have changed (another parameter tensor, or one
     changed in place since: an optimizer step, ``load_state_dict``, a weight-averaging swap), or the autocast
@@ -401,21 +402,23 @@ class TextFeatureCache:
             _, dropped = self.entries.popitem(last=False)
             self.size -= dropped.numel() * dropped.element_size()
 
-    def encode(self, encoder: nn.Module, run, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """The encoder's ``last_hidden_state`` (B, L, D) for these inputs; ``run`` computes the rows not held."""
-        self._check_state(encoder, input_ids.device)
-        inputs = (input_ids, attention_mask, token_type_ids, position_ids)
-        on_cpu = [t.detach().cpu().contiguous() for t in inputs]
-        header = repr([(tuple(t.shape[1:]), str(t.dtype)) for t in on_cpu]).encode()
-        keys = [header + b"".join(t[i].numpy().tobytes() for t in on_cpu) for i in range(input_ids.shape[0])]
+    @staticmethod
+    def keys(token_ids: torch.Tensor, token_type_ids: torch.Tensor) -> list[bytes]:
+        """One key per row of (B, L) token ids and token types, both on the CPU."""
+        ids, types = (t.to(torch.int64).contiguous().numpy() for t in (token_ids, token_type_ids))
+        header = str(ids.shape[1]).encode() + b":"
+        return [header + ids[i].tobytes() + types[i].tobytes() for i in range(ids.shape[0])]
+
+    def encode(self, encoder: nn.Module, run, keys: list[bytes], device: torch.device) -> torch.Tensor:
+        """The encoder's ``last_hidden_state`` (B, L, D) of the rows ``keys`` name; ``run(rows)`` computes those
+        of the batch rows ``rows`` (an index tensor) that are not held."""
+        self._check_state(encoder, device)
         found = {key: self.entries[key] for key in dict.fromkeys(keys) if key in self.entries}
         missing = {key: index for index, key in enumerate(keys) if key not in found and key not in self.entries}
         for key in found:
             self.entries.move_to_end(key)
         if missing:
-            rows = torch.tensor(list(missing.values()), device=input_ids.device)
-            computed = run(*(t[rows] for t in inputs))
+            computed = run(torch.tensor(list(missing.values()), device=device))
             for key, features in zip(missing, computed):
                 found[key] = features.clone()
                 self._put(key, found[key])
@@ -425,11 +428,19 @@ class TextFeatureCache:
 
 
 @contextlib.contextmanager
-def cached_text_features(model: GroundingDinoFamily, cache: TextFeatureCache | None = None) -> Iterator[TextFeatureCache]:
+def cached_text_features(model: GroundingDinoFamily, cache: TextFeatureCache | None = None,
+                         token_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                         ) -> Iterator[TextFeatureCache]:
     """Within the block the text encoder (``model.model.text_backbone``) runs once per distinct prompt row, its
     output kept in ``cache`` (a new ``TextFeatureCache`` if none; keep one to reuse it over calls). Yields the
     cache. Calls that need a gradient, or pass other arguments than the detector's forward does, run the
-    encoder as usual."""
+    encoder as usual.
+
+    token_ids, token_type_ids: the CPU copies of the ``input_ids`` and ``token_type_ids`` (None: zeros) the
+    model is called with inside the block (one batch of B rows): the rows are then told apart from the copies,
+    without reading the device's tensors back (on an accelerator, that would wait for the device's queued work
+    at every forward). Without them (or for a call of another batch size), the token ids are read back.
+    """
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
     cache = cache if cache is not None else TextFeatureCache()
@@ -437,15 +448,24 @@ def cached_text_features(model: GroundingDinoFamily, cache: TextFeatureCache | N
     had_own = "forward" in vars(encoder)
     original = encoder.forward
 
-    def run(input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
-        return original(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True).last_hidden_state
+    def keys_of(input_ids: torch.Tensor, types: torch.Tensor) -> list[bytes]:
+        batch, length = input_ids.shape
+        if token_ids is not None and token_ids.shape[0] == batch and token_ids.shape[1] >= length:
+            hint_types = token_type_ids if token_type_ids is not None else torch.zeros_like(token_ids)
+            return TextFeatureCache.keys(token_ids[:, :length], hint_types[:, :length])  # the model truncates alike
+        return TextFeatureCache.keys(input_ids.cpu(), types.cpu())
 
     def forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args, return_dict=None, **kwargs):
+        inputs = (input_ids, attention_mask, token_type_ids, position_ids)
         usable = not (args or kwargs or encoder.training or torch.is_grad_enabled()) and all(
-            isinstance(t, torch.Tensor) for t in (input_ids, attention_mask, token_type_ids, position_ids))
+            isinstance(t, torch.Tensor) for t in inputs) and input_ids.dim() == 2
         if not usable:
-            return original(input_ids, attention_mask, token_type_ids, position_ids, *args, return_dict=return_dict, **kwargs)
-        features = cache.encode(encoder, run, input_ids, attention_mask, token_type_ids, position_ids)
+            return original(*inputs, *args, return_dict=return_dict, **kwargs)
+
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            return original(*(t[rows] for t in inputs), return_dict=True).last_hidden_state
+
+        features = cache.encode(encoder, run, keys_of(input_ids, token_type_ids), input_ids.device)
         if return_dict is False or (return_dict is None and not getattr(encoder.config, "return_dict", True)):
             return (features,)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=features)

@@ -286,3 +286,29 @@ def test_text_feature_cache_keeps_at_most_max_bytes_and_copies_start_empty():
     assert cache.computed == 3
     for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         assert len(copied.entries) == 0 and copied.max_bytes == cache.max_bytes
+
+
+def test_cached_text_features_tell_rows_apart_by_the_token_ids_given_on_the_cpu():
+    """With CPU copies of the token ids, the rows are keyed by them (what an accelerator's caller gives, so that
+    nothing is read back from the device): the same copies find the kept rows, other copies do not; a copy
+    of another batch size is not used."""
+    from grounding.models.grounding_dino import TextFeatureCache, cached_text_features
+
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model.eval()
+    inputs = _two_prompt_batch(tokenizer, model, [0, 1])
+    cache = TextFeatureCache()
+    with torch.no_grad():
+        reference = model(**inputs)
+        with cached_text_features(model, cache, inputs["input_ids"].clone(), inputs["token_type_ids"].clone()):
+            assert _close(model(**inputs).logits, reference.logits)
+        assert (cache.computed, cache.reused) == (2, 0)
+        with cached_text_features(model, cache, inputs["input_ids"].clone()):  # token types None: zeros, as given
+            assert _close(model(**inputs).logits, reference.logits)
+        assert (cache.computed, cache.reused) == (2, 2)
+        with cached_text_features(model, cache, inputs["input_ids"] + 1):  # other ids: other keys, computed again
+            model(**inputs)
+        assert cache.computed == 4
+        with cached_text_features(model, cache, inputs["input_ids"][:1]):  # one row for a batch of two: read back
+            model(**inputs)
+        assert (cache.computed, cache.reused) == (4, 4)
