@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -390,10 +391,11 @@ class TextFeatureCache:
         if self.state is not None:
             held, held_versions, held_mode = self.state
             if held_mode == mode and held_versions == versions and len(held) == len(tensors) and all(
-                    a is b for a, b in zip(held, tensors)):
+                    ref() is t for ref, t in zip(held, tensors)):
                 return
         self.clear()
-        self.state = (tensors, versions, mode)  # the tensors held, so that no new tensor takes their place
+        # weak references: a tensor freed since (new weights) no longer matches, and nothing is kept alive
+        self.state = ([weakref.ref(t) for t in tensors], versions, mode)
 
     def _put(self, key: bytes, features: torch.Tensor) -> None:
         self.entries[key] = features

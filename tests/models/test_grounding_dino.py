@@ -312,3 +312,23 @@ def test_cached_text_features_tell_rows_apart_by_the_token_ids_given_on_the_cpu(
         with cached_text_features(model, cache, inputs["input_ids"][:1]):  # one row for a batch of two: read back
             model(**inputs)
         assert (cache.computed, cache.reused) == (4, 4)
+
+
+def test_cached_text_features_drop_what_other_weight_tensors_gave():
+    """A parameter replaced by another tensor (new weights, a module moved or converted) drops the kept rows,
+    although the new tensor has never been changed in place."""
+    from grounding.models.grounding_dino import TextFeatureCache, cached_text_features
+
+    model, tokenizer = build_grounding_dino("tiny", TEST_MODEL_CONFIG)
+    model.eval()
+    inputs = _two_prompt_batch(tokenizer, model, [0])
+    cache = TextFeatureCache()
+    embeddings = model.model.text_backbone.embeddings.word_embeddings
+    with torch.no_grad(), cached_text_features(model, cache):
+        model(**inputs)
+        replaced = embeddings.weight.detach() + torch.randn(embeddings.weight.shape, generator=torch.Generator().manual_seed(1))
+        embeddings.weight = torch.nn.Parameter(replaced)
+        cached = model(**inputs)
+    assert cache.computed == 2
+    with torch.no_grad():
+        assert _close(cached.logits, model(**inputs).logits)
