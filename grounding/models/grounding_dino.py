@@ -416,7 +416,7 @@ class TextFeatureCache:
         of the batch rows ``rows`` (an index tensor) that are not held."""
         self._check_state(encoder, device)
         found = {key: self.entries[key] for key in dict.fromkeys(keys) if key in self.entries}
-        missing = {key: index for index, key in enumerate(keys) if key not in found and key not in self.entries}
+        missing = {key: index for index, key in enumerate(keys) if key not in found}  # a row the batch repeats: once
         for key in found:
             self.entries.move_to_end(key)
         if missing:
