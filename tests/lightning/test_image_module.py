@@ -313,3 +313,32 @@ def test_the_image_backbone_runs_once_for_all_prompts_with_the_same_detections(s
     for a, b in zip(shared, rerun):
         assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "category_ids"))
     assert "forward" not in vars(module.detector.model.backbone)  # the backbone is itself again after the block
+
+
+def test_the_text_encoder_runs_once_per_prompt_over_batches_with_the_same_detections(synthetic_root):
+    """``detect`` encodes each prompt once (the batch's images and later batches reuse it) and gives the
+    detections of rerunning the encoder for every image and prompt; an optimizer step makes it encode again."""
+    module = make_module("none").eval()
+    data, batch = batch_of(synthetic_root)
+    module.set_categories({i + 1: f"shape number {i}" for i in range(12)})
+    images = batch["pixel_values"].shape[0]
+    assert images > 1 and len(module.prompts) >= 3
+    rows = []  # the rows each text encoder pass computes
+    module.detector.model.text_backbone.embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    sizes = torch.stack([t["orig_size"] for t in batch["targets"]])
+    inputs = (batch["pixel_values"], batch["pixel_mask"], sizes)
+    with torch.inference_mode():
+        first, second = module.detect(*inputs), module.detect(*inputs)
+    assert rows == [1] * len(module.prompts)  # one row per prompt, none for the second batch
+    rows.clear()
+    rerun = module.detect(*inputs, cache_text=False)
+    assert rows == [images] * len(module.prompts)
+    for detections in (first, second):
+        for a, b in zip(detections, rerun):
+            assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4) and torch.allclose(a["scores"], b["scores"], atol=1e-6)
+            assert torch.equal(a["category_ids"], b["category_ids"])
+    with torch.no_grad():  # a step changes the encoder's weights in place
+        module.detector.model.text_backbone.embeddings.word_embeddings.weight.mul_(1.5)
+    rows.clear()
+    module.detect(*inputs)
+    assert rows == [1] * len(module.prompts)
