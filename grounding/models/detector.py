@@ -149,15 +149,19 @@ def detector_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 def kept_boxes(outputs: Any, threshold: float, sizes: Sequence[tuple[int, int]]) -> list[dict]:
     """transformers' ``post_process_grounded_object_detection`` without its phrase decoding: per image, the
     boxes whose best token probability exceeds ``threshold`` as ``{"scores", "boxes"}`` ([x0, y0, x1, y1] in
-    the pixels of ``sizes`` (height, width)), by the same operations in the same order, so the values are its own."""
+    the pixels of ``sizes`` (height, width)), by the same operations in the same order, so the values are its own;
+    ``"kept"``: the (Q,) mask of the queries kept, in the same order."""
     from transformers.image_transforms import center_to_corners_format
 
     scores = torch.max(torch.sigmoid(outputs.logits), dim=-1)[0]
     boxes = center_to_corners_format(outputs.pred_boxes)
     heights, widths = torch.Tensor([h for h, _ in sizes]), torch.Tensor([w for _, w in sizes])
     boxes = boxes * torch.stack([widths, heights, widths, heights], dim=1).to(boxes.device)[:, None, :]
-    return [{"scores": image_scores[image_scores > threshold], "boxes": image_boxes[image_scores > threshold]}
-            for image_scores, image_boxes in zip(scores, boxes)]
+    results = []
+    for image_scores, image_boxes in zip(scores, boxes):
+        kept = image_scores > threshold
+        results.append({"scores": image_scores[kept], "boxes": image_boxes[kept], "kept": kept})
+    return results
 
 
 def checkpoint_image_size(checkpoint: dict) -> tuple[int, int | None]:
@@ -458,13 +462,8 @@ class GroundingDetector:
                 continue
             scores = result["scores"].float().cpu()
             boxes = result["boxes"].float().cpu()
-            if classes is not None:
-                # the boxes the post-processing kept, in the same order: best token probability > threshold
-                probabilities = outputs.logits[index].float().sigmoid()
-                kept = probabilities.max(-1).values > box_threshold
-                if int(kept.sum()) != len(scores):
-                    raise RuntimeError("transformers' post-processing kept other boxes than its score > threshold rule")
-                class_scores = probabilities[kept] @ weights.t()  # (kept, C): mean over each class's tokens
+            if classes is not None:  # the kept queries' token probabilities, in the order of their boxes
+                class_scores = outputs.logits[index][result["kept"]].float().sigmoid() @ weights.t()  # (kept, C): class means
                 labels = [classes[c] for c in class_scores.argmax(-1).tolist()]
             else:
                 labels = list(result["text_labels"])
