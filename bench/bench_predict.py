@@ -12,24 +12,31 @@ Two methods, each in this process, on one folder of synthetic images (``groundin
   time: PIL read, ``AutoProcessor``, ``AutoModelForZeroShotObjectDetection``,
   ``processor.post_process_grounded_object_detection``. Both get the same prompt, threshold and top-k; their
   boxes and scores are compared (largest absolute difference, in pixels / probability).
-- GEM: ``configs/gem/synthetic.yaml`` (tiny random CLIP). Anchor: the README's "Without Lightning" loop with
-  the config's settings: ``read_image``, ``DenseSimilarity``, the arg-max with the config's background rule
-  (``labels_with_background``), the class text embedded once. The label maps are compared with the PNGs
-  grounding-predict wrote.
+- GEM: ``configs/gem/synthetic.yaml``'s settings (depth, short side, background rule), two anchors:
+  ``reference``: the public GEM code's own loop (gem_torch's ``GEMWrapper`` on open_clip, its PIL transform, the
+  class text embedded on every call as its README runs it; ``gem_reference_anchor``), on the same weights: a
+  random open_clip CLIP of the synthetic config's tiny sizes (ViT-B/16 at ``--scale base``) saved to a file,
+  which grounding-predict loads as ``--model.backbone open_clip:NAME/FILE``. Needs ``pip install gem_torch
+  einops`` and open_clip (the ``openclip`` extra); without them, or with ``--no_gem_reference``, only the
+  second anchor runs, on the config's own CLIP. ``gem_reference_pixels_agree``: the share of label-map pixels
+  on which the reference and grounding-predict agree (the reference resizes with PIL and upsamples its maps
+  twice, so a few pixels on class borders differ). ``function``: the README's "Without Lightning" loop with
+  the same settings (``read_image``, ``DenseSimilarity``, the arg-max with the config's background rule
+  ``labels_with_background``, the class text embedded once): the very function grounding-predict calls, so
+  the least a call can cost; its label maps are compared with the PNGs grounding-predict wrote.
 
 ``--vocabulary coco`` gives the detector (both sides) the COCO class names instead of the three synthetic ones,
 as many of them, in the benchmark's order, as fit the model's ``max_text_len`` tokens (all 80 fit Grounding
 DINO's 256 BERT tokens; the offline tokenizer of the random models spends more tokens a name): a long prompt, as
 a user's class list is. grounding-predict runs the text encoder once per prompt for the whole call
 (``grounding.models.grounding_dino.cached_text_features``), transformers' loop once per image, so the longer the
-prompt, the larger the share of the loop's time grounding-predict saves. GEM always gets the synthetic classes
-(both sides embed the class text once).
+prompt, the larger the share of the loop's time grounding-predict saves. GEM always gets the synthetic classes.
 
 ``--scale base`` replaces the tiny models by random models of the published sizes, so that the model's cost
 weighs as it does for a user: the detector with ``GroundingDinoConfig()``'s architecture (Swin-T, BERT-base sized
 text encoder; ``SWIN_T`` of bench_masking_overhead.py) resized to 320 px (``--predict.image_size``, the exported
-processor alike), GEM on a ViT-B/16 CLIP (``build_clip("vit-b16-random")``) with GEM's own settings (depth 7,
-short side 448). Its defaults: 8 images of 320 px, 1 round, a one-image first call, no ``--no_pictures`` or
+processor alike), GEM on a ViT-B/16 CLIP (open_clip's ``ViT-B-16``, or ``build_clip("vit-b16-random")`` without the
+reference) with GEM's own settings (depth 7, short side 448). Its defaults: 8 images of 320 px, 1 round, a one-image first call, no ``--no_pictures`` or
 batch-4 calls (each call costs the model's minutes).
 
 grounding-predict runs in-process through ``grounding.cli.predict([...])``, each call into a fresh ``--out``
@@ -79,6 +86,8 @@ DETECTOR_CLASSES = ["red circle", "blue square", "green triangle"]
 BASE_DETECTOR_SIZE = (320, 533)
 BASE_GEM = {"backbone": "vit-b16-random", "depth": 7, "short_side": 448}
 GEM_CLASSES = ["background", *DETECTOR_CLASSES]
+#: the open_clip name the bench registers for the tiny CLIP of the GEM reference anchor
+OPEN_CLIP_TINY = "bench-tiny-vit-16"
 
 
 def coco_classes(tokenizer, max_text_len: int) -> list[str]:
@@ -155,20 +164,23 @@ def detector_anchor(folder: Path, prompt: str, threshold: float, text_threshold:
     return run
 
 
-def gem_anchor(files: list[Path], device: str, overrides: dict | None = None):
-    """The README's GEM loop with the config's settings (``overrides`` replacing some); returns a function that
-    runs it."""
+def gem_settings(overrides: dict | None = None) -> dict:
+    """GEM's settings of the synthetic config, ``overrides`` replacing some."""
+    return {**init_args(GEM_CONFIG, "model"), **(overrides or {})}
+
+
+def gem_anchor(files: list[Path], device: str, settings: dict):
+    """The README's GEM loop with ``settings``: ``DenseSimilarity``, the function grounding-predict calls; returns
+    a function that runs it."""
     from torchvision.io import read_image
 
     from grounding.models.clip import build_clip
     from grounding.models.gem import DenseSimilarity, labels_with_background
 
-    settings = {**init_args(GEM_CONFIG, "model"), **(overrides or {})}
     backbone = build_clip(settings["backbone"], image_size=448).to(device).eval()  # as GEMSegmentationModule builds it
     gem = DenseSimilarity(backbone, method=settings["method"], depth=settings["depth"], iterations=settings["iterations"],
                           short_side=settings["short_side"])
-    background = GEM_CLASSES.index("background")
-    foreground = [c for c in range(len(GEM_CLASSES)) if c != background]
+    background, foreground = gem_foreground()
     text = gem.text([GEM_CLASSES[c] for c in foreground]).to(device)
 
     def run(which: list[Path]) -> dict[str, np.ndarray]:
@@ -176,6 +188,98 @@ def gem_anchor(files: list[Path], device: str, overrides: dict | None = None):
         for path in which:
             image = read_image(str(path)).to(device)
             maps = gem(image, text)
+            labels[path.stem] = labels_with_background(
+                maps, foreground, background, settings["background_threshold"]).cpu().numpy()
+        return labels
+
+    return run
+
+
+def gem_foreground() -> tuple[int, list[int]]:
+    background = GEM_CLASSES.index("background")
+    return background, [c for c in range(len(GEM_CLASSES)) if c != background]
+
+
+def gem_torch_available() -> bool:
+    try:
+        import gem.gem_wrapper  # noqa: F401  (gem_torch)
+        import open_clip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_clip_weights(work: Path, base_scale: bool) -> tuple[str, Path]:
+    """A random open_clip CLIP (ViT-B/16, or at tiny scale one of ``TINY_CLIP_CONFIG``'s sizes, registered with
+    open_clip under ``OPEN_CLIP_TINY``) saved as a checkpoint file; returns its open_clip name and the file."""
+    import open_clip
+
+    from grounding.models.clip import TINY_CLIP_CONFIG
+
+    name = "ViT-B-16"
+    if not base_scale:
+        vision, text = TINY_CLIP_CONFIG["vision_config"], TINY_CLIP_CONFIG["text_config"]
+        config = {"embed_dim": TINY_CLIP_CONFIG["projection_dim"],
+                  "vision_cfg": {"image_size": vision["image_size"], "layers": vision["num_hidden_layers"],
+                                 "width": vision["hidden_size"], "patch_size": vision["patch_size"],
+                                 "head_width": vision["hidden_size"] // vision["num_attention_heads"],
+                                 "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"]},
+                  "text_cfg": {"context_length": text["max_position_embeddings"], "vocab_size": 49408,
+                               "width": text["hidden_size"], "heads": text["num_attention_heads"],
+                               "layers": text["num_hidden_layers"]}}
+        folder = work / "open_clip_configs"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{OPEN_CLIP_TINY}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)
+        name = OPEN_CLIP_TINY
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    weights = work / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return name, weights
+
+
+def gem_reference_anchor(files: list[Path], device: str, settings: dict, name: str, weights: Path):
+    """The public GEM code's own loop (gem_torch's ``GEMWrapper`` on open_clip, its image transform), one image
+    at a time, on the same weights and settings; returns a function that runs it.
+
+    gem_torch 1.0.1 was written for open_clip's sequence-first blocks: its wrapper hands every block (L, N, D)
+    tokens, and its own GEM blocks read them so. Current open_clip (>= 2.24) builds batch-first blocks, which
+    would take those tokens as L images of N tokens; the anchor therefore sets the unmodified blocks' attention
+    to sequence-first (``nn.MultiheadAttention.batch_first = False``), which is what the reference computed on the
+    open_clip it was written for. (Its ``create_gem_model`` calls ``open_clip.create_model`` positionally with the
+    old signature, so the anchor builds the open_clip model itself and wraps it.) Per image: PIL read, the
+    reference's transform (bicubic resize to a square of ``short_side``, tensor, CLIP normalization), the
+    wrapper's forward (it embeds the class text on every call, as its README runs it), raw cosines
+    (``normalize=False``), bilinear resize to the image's size and the config's background rule
+    (``labels_with_background``, as on the other sides). The bench's images are square, so the reference's
+    square resize is the short-side resize of grounding-predict."""
+    import open_clip
+    import torch.nn.functional as F
+    from gem.gem import get_gem_img_transform
+    from gem.gem_wrapper import GEMWrapper
+    from PIL import Image
+
+    from grounding.models.gem import labels_with_background
+
+    model = open_clip.create_model(name, pretrained=str(weights))
+    wrapper = GEMWrapper(model, open_clip.get_tokenizer(name), depth=settings["depth"],
+                         ss_attn_iter=settings["iterations"]).to(device).eval()
+    for block in model.visual.transformer.resblocks:
+        if isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention):
+            block.attn.batch_first = False
+    transform = get_gem_img_transform(img_size=(settings["short_side"], settings["short_side"]))
+    background, foreground = gem_foreground()
+    names = [GEM_CLASSES[c] for c in foreground]
+
+    def run(which: list[Path]) -> dict[str, np.ndarray]:
+        labels = {}
+        for path in which:
+            image = Image.open(path).convert("RGB")
+            pixels = transform(image)[None].to(device)
+            with torch.no_grad():
+                maps = wrapper(pixels, names, normalize=False)
+            maps = F.interpolate(maps, size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
             labels[path.stem] = labels_with_background(
                 maps, foreground, background, settings["background_threshold"]).cpu().numpy()
         return labels
@@ -216,22 +320,27 @@ def draw_ms_per_image(out: Path) -> float:
     return 1000 * (time.perf_counter() - start) / max(len(records), 1)
 
 
-def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder: Path, args,
-            device: str) -> tuple[dict, Path, object]:
-    """First call, rounds of predict / anchor in turn, batch ``also_batch``, a one-image call."""
+def measure(name: str, runner: PredictRunner, anchors: dict, files: list[Path], folder: Path, args,
+            device: str) -> tuple[dict, Path, dict]:
+    """First call, rounds of predict and each anchor (``anchors``: figure name -> loop) in turn, batch
+    ``also_batch``, a one-image call. Returns the figures, the last call's output folder and each anchor's
+    results."""
     inputs = [str(folder)]
     first, _, _ = runner([str(files[0])] if args.scale == "base" else inputs, args.batch_size, device)
-    anchor(files[:2])  # the anchor's own lazy initialization, untimed
-    predict_times, anchor_times, batched_times, bare_times = [], [], [], []
-    last_out, anchor_result = None, None
+    for anchor in anchors.values():
+        anchor(files[:2])  # the anchor's own lazy initialization, untimed
+    predict_times, batched_times, bare_times = [], [], []
+    anchor_times: dict[str, list[float]] = {key: [] for key in anchors}
+    last_out, anchor_results = None, {}
     for _ in range(args.rounds):
         seconds, last_out, _ = runner(inputs, args.batch_size, device)
         predict_times.append(seconds)
-        synchronize(device)
-        start = time.perf_counter()
-        anchor_result = anchor(files)
-        synchronize(device)
-        anchor_times.append(time.perf_counter() - start)
+        for key, anchor in anchors.items():
+            synchronize(device)
+            start = time.perf_counter()
+            anchor_results[key] = anchor(files)
+            synchronize(device)
+            anchor_times[key].append(time.perf_counter() - start)
         if args.also_batch and args.also_batch != args.batch_size:
             batched_times.append(runner(inputs, args.also_batch, device)[0])
         if args.no_pictures_calls:
@@ -239,24 +348,28 @@ def measure(name: str, runner: PredictRunner, anchor, files: list[Path], folder:
     one, _, _ = runner([str(files[0])], args.batch_size, device)
     n = len(files)
     predict_rate = n / statistics.median(predict_times)
-    anchor_rate = n / statistics.median(anchor_times)
     figures = {
         f"{name}_first_call_s": round(first, 2),
         f"{name}_one_image_call_s": round(one, 2),
         f"{name}_predict_images_per_s": round(predict_rate, 2),
-        f"{name}_anchor_images_per_s": round(anchor_rate, 2),
-        f"{name}_predict_over_anchor": round(predict_rate / anchor_rate, 3),
     }
+    rates = {key: n / statistics.median(times) for key, times in anchor_times.items()}
+    for key, rate in rates.items():
+        figures[f"{name}_{key}_images_per_s"] = round(rate, 2)
+        figures[f"{name}_predict_over_{key}"] = round(predict_rate / rate, 3)
     if bare_times:
-        figures[f"{name}_no_pictures_images_per_s"] = round(n / statistics.median(bare_times), 2)
-        figures[f"{name}_no_pictures_over_anchor"] = round(n / statistics.median(bare_times) / anchor_rate, 3)
+        bare_rate = n / statistics.median(bare_times)
+        figures[f"{name}_no_pictures_images_per_s"] = round(bare_rate, 2)
+        for key, rate in rates.items():
+            figures[f"{name}_no_pictures_over_{key}"] = round(bare_rate / rate, 3)
     if n > 1 and statistics.median(predict_times) > one:  # the per-image rate once a call's fixed cost is paid
         steady = (n - 1) / (statistics.median(predict_times) - one)
         figures[f"{name}_steady_images_per_s"] = round(steady, 2)
-        figures[f"{name}_steady_over_anchor"] = round(steady / anchor_rate, 3)
+        for key, rate in rates.items():
+            figures[f"{name}_steady_over_{key}"] = round(steady / rate, 3)
     if batched_times:
         figures[f"{name}_predict_batch{args.also_batch}_images_per_s"] = round(n / statistics.median(batched_times), 2)
-    return figures, last_out, anchor_result
+    return figures, last_out, anchor_results
 
 
 def main() -> None:
@@ -279,6 +392,8 @@ def main() -> None:
     parser.add_argument("--vocabulary", choices=["synthetic", "coco"], default="synthetic",
                         help="the detector's classes: the three synthetic shapes, or the COCO names that fit its prompt")
     parser.add_argument("--methods", nargs="+", choices=["detector", "gem"], default=["detector", "gem"])
+    parser.add_argument("--no_gem_reference", dest="gem_reference", action="store_false",
+                        help="GEM: leave out the public GEM code's loop (gem_torch), and run the synthetic config's CLIP")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; 0: torch's own choice)")
     parser.add_argument("--out", default=None, help="also write the JSON figures to this file")
@@ -330,24 +445,35 @@ def main() -> None:
             runner = PredictRunner(work / "detector_runs", base, device, args.num_workers)
             anchor = detector_anchor(exported, class_prompt(classes), args.box_threshold, args.text_threshold,
                                      args.top_k, device)
-            measured, out, anchor_result = measure("detector", runner, anchor, files, folder, args, device)
+            measured, out, anchor_results = measure("detector", runner, {"anchor": anchor}, files, folder, args, device)
             figures.update(measured)
-            figures.update(compare_detections(out, anchor_result))
+            figures.update(compare_detections(out, anchor_results["anchor"]))
             figures["detector_draw_ms_per_image"] = round(draw_ms_per_image(out), 2)
 
         if "gem" in args.methods:
             from PIL import Image
 
-            overrides = BASE_GEM if base_scale else {}
+            settings = gem_settings(BASE_GEM if base_scale else {})
+            anchors, reference = {}, None
+            if args.gem_reference and gem_torch_available():
+                reference = open_clip_weights(work, base_scale)
+                settings["backbone"] = f"open_clip:{reference[0]}/{reference[1]}"
+                anchors["reference"] = gem_reference_anchor(files, device, settings, *reference)
+            figures["gem_backbone"] = settings["backbone"].replace(str(work), "WORK")
+            figures["gem_reference"] = "gem_torch GEMWrapper" if reference else \
+                ("off" if not args.gem_reference else "gem_torch or open_clip not installed: pip install gem_torch einops open_clip_torch")
+            anchors["function"] = gem_anchor(files, device, settings)
+            options = [f"--model.{key}={settings[key]}" for key in ("backbone", "depth", "short_side")]
             runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES),
-                                                       *[f"--model.{k}={v}" for k, v in overrides.items()]], device,
-                                   args.num_workers)
-            anchor = gem_anchor(files, device, overrides)
-            measured, out, anchor_result = measure("gem", runner, anchor, files, folder, args, device)
+                                                       *options], device, args.num_workers)
+            measured, out, anchor_results = measure("gem", runner, anchors, files, folder, args, device)
             figures.update(measured)
-            equal = sum(np.array_equal(np.array(Image.open(out / "labels" / f"{image_id}.png")), labels)
-                        for image_id, labels in anchor_result.items())
-            figures["gem_label_maps_equal"] = f"{equal}/{len(anchor_result)}"
+            predicted = {image_id: np.array(Image.open(out / "labels" / f"{image_id}.png")) for image_id in anchor_results["function"]}
+            equal = sum(np.array_equal(predicted[image_id], labels) for image_id, labels in anchor_results["function"].items())
+            figures["gem_label_maps_equal"] = f"{equal}/{len(predicted)}"
+            if reference:
+                agree = [float((predicted[image_id] == labels).mean()) for image_id, labels in anchor_results["reference"].items()]
+                figures["gem_reference_pixels_agree"] = round(statistics.mean(agree), 4)
     figures["loadavg_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     line = json.dumps(figures)
     if args.out:

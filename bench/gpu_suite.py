@@ -49,8 +49,9 @@ invseg                     55   InvSeg at Stable Diffusion 2.1-base's sizes (UNe
                                 of 2 after a one-step warm-up, each variant in a fresh process) and their
                                 peak memory (the paper: 7.9 s per image on an H100).
 predict                    25   the tiny detector and GEM of the synthetic configs on 256 synthetic 320 px
-                                images: images/s of grounding-predict against transformers' own loop and
-                                the plain DenseSimilarity loop (target: ratio >= 1).
+                                images: images/s of grounding-predict against transformers' own loop, the
+                                public GEM code's loop (gem_torch, where installed) and the plain
+                                DenseSimilarity loop (target: ratio >= 1).
 vocabulary                 25   Swin-T sizes, 800x1333, batch 2, bf16: evaluation images/s at 80 and 1,203
                                 category names, the image backbone once per batch vs once per prompt, the
                                 text encoder once per prompt vs once per image and prompt.
@@ -176,7 +177,8 @@ BENCHES: tuple[Bench, ...] = (
           ("--quick", "--images", "8", "--size", "96", "--rounds", "1"), 25,
           "The tiny detector and GEM of the synthetic configs on 256 synthetic 320 px images: images/s of "
           "grounding-predict (batch 8 and 1, 4 loader workers, every output written) against transformers' processor + model + "
-          "post-processing loop and the plain DenseSimilarity loop, one image at a time (target: ratio ≥ 1)."),
+          "post-processing loop, the public GEM code's loop (gem_torch's GEMWrapper, where installed) and the plain "
+          "DenseSimilarity loop, one image at a time (target: ratio ≥ 1)."),
     Bench("vocabulary", "IMAGE: evaluation cost against the vocabulary", "bench_vocabulary.py",
           (), ("--quick", "--counts", "80"), 25,
           "Grounding DINO at Swin-T sizes (random weights), 800×1333, batch 2, bf16: evaluation images/s at 80 and "

@@ -6,6 +6,8 @@ LayerNorm or embedding conversion can pass by being zero or one.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, resize_pos_embed, set_model_preprocess_cfg  # noqa: E402
 
 from grounding.models.clip import build_clip  # noqa: E402
-from grounding.models.gem import METHODS, GEM, similarity_maps  # noqa: E402
+from grounding.models.gem import METHODS, GEM, DenseSimilarity, similarity_maps  # noqa: E402
 from grounding.models.legrad import legrad  # noqa: E402
 from grounding.models.open_clip_convert import OpenClipTokenizer, convert_open_clip, open_clip_backbone  # noqa: E402
 
@@ -139,6 +141,47 @@ def test_every_method_gives_finite_maps(pair):
             maps = similarity_maps(backbone, pixels, text, method, depth=backbone.num_layers)
             assert maps.shape == (1, 2, 64, 64), method
             assert torch.isfinite(maps).all(), method
+
+
+def _gem_torch_reference(model, tokenizer, depth: int, iterations: int, inverse_temperature: float | None):
+    """The public GEM code (gem_torch's ``GEMWrapper``) around a copy of ``model``.
+
+    gem_torch 1.0.1 hands the blocks sequence-first (L, N, D) tokens, as open_clip's blocks took them when it was
+    written; open_clip's blocks are batch-first now, so the blocks it leaves unmodified get their attention set
+    back to sequence-first, which is what the reference computed then."""
+    from gem.gem_wrapper import GEMWrapper
+
+    wrapper = GEMWrapper(copy.deepcopy(model), tokenizer, depth=depth, ss_attn_iter=iterations,
+                         ss_attn_temp=inverse_temperature).eval()
+    for block in wrapper.model.visual.transformer.resblocks:
+        if isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention):
+            block.attn.batch_first = False
+    return wrapper
+
+
+@pytest.mark.parametrize("depth, iterations, temperature", [(3, 1, None), (2, 2, None), (4, 1, 0.5), (3, 0, None)])
+def test_gem_maps_equal_the_public_gem_code_on_the_same_weights(tokenizer, depth, iterations, temperature):
+    """DenseSimilarity's GEM cosine maps equal gem_torch's (``normalize=False``: before its min-max scaling) on
+    a square image at a size that resamples the position grid. gem_torch's ``ss_attn_temp`` is the inverse
+    temperature, GEM's ``temperature`` the temperature; its class sentence is ``GEM_TEMPLATE``."""
+    pytest.importorskip("gem.gem_wrapper")  # gem_torch
+    model = _random_clip(quick_gelu=False)
+    backbone = open_clip_backbone(model, tokenizer, image_size=96)
+    gem = DenseSimilarity(backbone, "gem", depth=depth, iterations=iterations, temperature=temperature, short_side=96)
+    reference = _gem_torch_reference(model, tokenizer, depth, iterations, None if temperature is None else 1 / temperature)
+    names = ["cat", "red circle", "dog"]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (open_clip.constants.OPENAI_DATASET_MEAN, open_clip.constants.OPENAI_DATASET_STD))
+    for seed in (0, 1):
+        image = torch.randint(0, 256, (3, 96, 96), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        with torch.no_grad():
+            expected = reference(((image.float() / 255 - mean) / std)[None], names, normalize=False)[0]
+        got = gem(image, names)
+        assert expected.shape == got.shape == (3, 96, 96)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    # the reference's GEM path differs from its own plain path: the comparison is not of two plain CLIPs
+    with torch.no_grad():
+        plain = DenseSimilarity(backbone, "plain", short_side=96)(image, names)
+    assert (plain - expected).abs().max() > 1e-3
 
 
 def test_legrad_equals_a_direct_autograd_on_open_clip_modules(tokenizer):
