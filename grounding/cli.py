@@ -737,8 +737,9 @@ def predict_parser() -> argparse.ArgumentParser:
                         "decoding the images (0: in the loop)")
     parser.add_argument("--no_pictures", action="store_true", help="write only the records and the data files (label "
                         "PNGs, embeddings): no drawn boxes, overlays, heatmaps or maps")
-    parser.add_argument("--writer_threads", type=int, default=2, help="threads of each process drawing, encoding "
-                        "and writing the outputs while the model runs (0: in the loop)")
+    parser.add_argument("--writer_threads", type=int, default=None, help="threads of each process drawing, encoding "
+                        "and writing the outputs while the model runs (0: in the loop; default: half the CPUs of each "
+                        "process of the machine, 2 to 8)")
     parser.add_argument("--box_threshold", type=float, default=0.35, help="detector: keep boxes scoring above this")
     parser.add_argument("--text_threshold", type=float, default=0.25, help="detector: token probability for a --text label")
     parser.add_argument("--top_k", type=int, default=None, help="detector: at most this many boxes per image")
@@ -801,7 +802,7 @@ def predict_problem(method: str, options: argparse.Namespace) -> None:
                         else f"--masks / --boxes are MaskInversion's regions; {method} does not take them")
     if method == "ImageGroundingModule" and (options.classes is None) == (options.text is None):
         exit_with_error("--classes / --text: give one of them to the detector, not both")
-    if options.writer_threads < 0:
+    if options.writer_threads is not None and options.writer_threads < 0:
         exit_with_error(f"--writer_threads must be >= 0, got {options.writer_threads}")
     if options.every_class and (method != "ImageGroundingModule" or options.classes is None):
         exit_with_error("--every_class scores the detector's boxes for each class of --classes")
@@ -828,7 +829,7 @@ def predict(args: list[str] | None = None) -> dict:
         cli = build_cli(command)
     from grounding.data.image_folder import complete_record
     from grounding.lightning.label_writer import PredictionPngWriter
-    from grounding.lightning.prediction_writer import ImagePredictionWriter
+    from grounding.lightning.prediction_writer import ImagePredictionWriter, default_writer_threads
 
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     method = type(model).__name__
@@ -844,7 +845,8 @@ def predict(args: list[str] | None = None) -> dict:
             "max_size": options.max_size if options.max_size is not None else config_data.get("max_size", 1333),
         }
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PredictionPngWriter)]
-    trainer.callbacks.append(ImagePredictionWriter(options.writer_threads, pictures=not options.no_pictures))
+    threads = default_writer_threads(trainer.num_devices) if options.writer_threads is None else options.writer_threads
+    trainer.callbacks.append(ImagePredictionWriter(threads, pictures=not options.no_pictures))
     fix_logger_versions(trainer)
     stdout = sys.stdout
     with _run():

@@ -188,6 +188,37 @@ def test_background_writes_keep_order_count_and_raise_the_first_error(tmp_path):
     assert writer._pool is None and writer.predicted == 20
 
 
+def test_default_writer_threads_take_half_of_each_processs_cpus_between_2_and_8():
+    from grounding.lightning.prediction_writer import default_writer_threads
+
+    for processes in (1, 2, 3, 8):
+        previous = 0
+        for cpus in range(1, 200):
+            threads = default_writer_threads(processes, cpus)
+            assert 2 <= threads <= 8 and threads >= previous  # bounded, and more CPUs never give fewer threads
+            # half of each process's share, unless that is below the floor of 2 or above the cap of 8
+            assert threads == 2 or threads == 8 or threads == cpus // processes // 2, (processes, cpus)
+            assert threads * processes <= max(cpus // 2, 2 * processes)  # the writers never take more than half
+            previous = threads
+    assert default_writer_threads(1, 16) == 8 and default_writer_threads(8, 16) == 2 and default_writer_threads(2, 20) == 5
+
+
+def test_predict_sizes_the_writers_from_the_machine_unless_told(images, tmp_path, capsys, monkeypatch):
+    import grounding.lightning.prediction_writer as prediction_writer
+
+    asked, made = [], []
+    monkeypatch.setattr(prediction_writer, "default_writer_threads", lambda processes: asked.append(processes) or 3)
+    original = prediction_writer.ImagePredictionWriter.__init__
+    monkeypatch.setattr(prediction_writer.ImagePredictionWriter, "__init__",
+                        lambda self, threads=2, pictures=True: made.append(threads) or original(self, threads, pictures))
+    file = str(sorted(images.glob("*.jpg"))[0])
+    _run([*GEM, "--inputs", file, "--classes", CLASSES, "--out", str(tmp_path / "auto"), "--no_pictures"], capsys, tmp_path)
+    _run([*GEM, "--inputs", file, "--classes", CLASSES, "--out", str(tmp_path / "told"), "--no_pictures",
+          "--writer_threads", "0"], capsys, tmp_path)
+    assert asked == [1] and made == [3, 0]
+    assert (tmp_path / "auto" / "labels").is_dir() and (tmp_path / "told" / "labels").is_dir()
+
+
 def test_no_pictures_writes_the_records_and_label_maps_only(images, gem_run, tmp_path, capsys):
     out, _ = gem_run
     files = sorted(images.glob("*.jpg"))[:2]

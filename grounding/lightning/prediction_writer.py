@@ -34,6 +34,7 @@ hand back to the main process too.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +50,22 @@ from grounding.utils import write_atomic, write_json_atomic
 from grounding.visualize import labelled_overlay, overlay_heatmap
 
 log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system
+        return os.cpu_count() or 1
+
+
+def default_writer_threads(processes: int = 1, cpus: int | None = None) -> int:
+    """Writer threads for each of ``processes`` predicting processes of one machine: half the CPUs that fall to
+    each process (the other half decodes the images and drives the model), at least 2 and at most 8.
+    ``cpus``: default ``available_cpus()``."""
+    cpus = available_cpus() if cpus is None else cpus
+    return max(2, min(8, cpus // max(processes, 1) // 2))
 
 
 class ImagePredictionWriter(Callback):
