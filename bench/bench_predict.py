@@ -16,8 +16,8 @@ Two methods, each in this process, on one folder of synthetic images (``groundin
   ``reference``: the public GEM code's own loop (gem_torch's ``GEMWrapper`` on open_clip, its PIL transform, the
   class text embedded on every call as its README runs it; ``gem_reference_anchor``), on the same weights: a
   random open_clip CLIP of the synthetic config's tiny sizes (ViT-B/16 at ``--scale base``) saved to a file,
-  which grounding-predict loads as ``--model.backbone open_clip:NAME/FILE``. Needs ``pip install gem_torch
-  einops`` and open_clip (the ``openclip`` extra); without them, or with ``--no_gem_reference``, only the
+  which grounding-predict loads as ``--model.backbone open_clip:NAME/FILE``. Needs gem_torch and open_clip (both
+  in the ``dev`` extra); without them, or with ``--no_gem_reference``, only the
   second anchor runs, on the config's own CLIP. ``gem_reference_pixels_agree``: the share of label-map pixels
   on which the reference and grounding-predict agree (the reference resizes with PIL and upsamples its maps
   twice, so a few pixels on class borders differ). ``function``: the README's "Without Lightning" loop with
@@ -461,7 +461,7 @@ def main() -> None:
                 anchors["reference"] = gem_reference_anchor(files, device, settings, *reference)
             figures["gem_backbone"] = settings["backbone"].replace(str(work), "WORK")
             figures["gem_reference"] = "gem_torch GEMWrapper" if reference else \
-                ("off" if not args.gem_reference else "gem_torch or open_clip not installed: pip install gem_torch einops open_clip_torch")
+                ("off" if not args.gem_reference else "gem_torch or open_clip not installed: pip install gem_torch open_clip_torch")
             anchors["function"] = gem_anchor(files, device, settings)
             options = [f"--model.{key}={settings[key]}" for key in ("backbone", "depth", "short_side")]
             runner = PredictRunner(work / "gem_runs", ["--config", str(GEM_CONFIG), "--classes", ", ".join(GEM_CLASSES),
