@@ -139,13 +139,15 @@ class PredictRunner:
 
 
 def detector_anchor(folder: Path, prompt: str, threshold: float, text_threshold: float,
-                    top_k: int | None, device: str):
-    """transformers' own loop over ``files``, one image at a time; returns a function that runs it."""
+                    top_k: int | None, device: str, model: torch.nn.Module | None = None):
+    """transformers' own loop over ``files``, one image at a time (``model``: this instance instead of one
+    loaded from ``folder``); returns a function that runs it."""
     from PIL import Image
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device).eval()
+    if model is None:
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(device).eval()
 
     def run(which: list[Path]) -> dict[str, dict]:
         results = {}
@@ -287,6 +289,42 @@ def gem_reference_anchor(files: list[Path], device: str, settings: dict, name: s
     return run
 
 
+def paired_detector_steps(folder: Path, classes: list[str], files: list[Path], args, device: str) -> dict:
+    """The per-image step of grounding-predict's detector (``GroundingDetector.__call__``, which its
+    ``predict_step`` runs) against transformers' loop, image by image in alternation on one shared model
+    instance (the order flipped every pair), ``args.paired_passes`` passes over ``files`` after one warm-up
+    pair: the median and quartiles of the per-image ratio anchor time / step time. Pairing cancels what a
+    shared machine does to both within seconds, which whole calls minutes apart do not."""
+    from grounding.models.detector import GroundingDetector, class_prompt
+
+    detector = GroundingDetector.from_pretrained(folder, device=device)
+    anchor = detector_anchor(folder, class_prompt(classes), args.box_threshold, args.text_threshold, args.top_k,
+                             device, model=detector.model)
+
+    def step(path: Path) -> None:
+        detector(str(path), classes=classes, box_threshold=args.box_threshold, top_k=args.top_k)
+
+    def timed(function, path: Path) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        function(path)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timed(step, files[0]), timed(lambda path: anchor([path]), files[0])  # warm-up pair
+    ratios = []
+    for index, path in enumerate([path for _ in range(args.paired_passes) for path in files]):
+        if index % 2:
+            step_s, anchor_s = timed(step, path), timed(lambda path: anchor([path]), path)
+        else:
+            anchor_s, step_s = timed(lambda path: anchor([path]), path), timed(step, path)
+        ratios.append(anchor_s / step_s)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"detector_paired_pairs": len(ratios),
+            "detector_paired_step_over_anchor": round(statistics.median(ratios), 3),
+            "detector_paired_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)]}
+
+
 def compare_detections(out: Path, anchor: dict[str, dict]) -> dict:
     records = json.loads((out / "predictions.json").read_text())
     box_diff = score_diff = 0.0
@@ -392,6 +430,8 @@ def main() -> None:
     parser.add_argument("--vocabulary", choices=["synthetic", "coco"], default="synthetic",
                         help="the detector's classes: the three synthetic shapes, or the COCO names that fit its prompt")
     parser.add_argument("--methods", nargs="+", choices=["detector", "gem"], default=["detector", "gem"])
+    parser.add_argument("--paired_passes", type=int, default=1, help="detector: passes over the images timing "
+                        "grounding-predict's per-image step and transformers' loop in alternation on one model (0: none)")
     parser.add_argument("--no_gem_reference", dest="gem_reference", action="store_false",
                         help="GEM: leave out the public GEM code's loop (gem_torch), and run the synthetic config's CLIP")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -449,6 +489,8 @@ def main() -> None:
             figures.update(measured)
             figures.update(compare_detections(out, anchor_results["anchor"]))
             figures["detector_draw_ms_per_image"] = round(draw_ms_per_image(out), 2)
+            if args.paired_passes:
+                figures.update(paired_detector_steps(exported, classes, files, args, device))
 
         if "gem" in args.methods:
             from PIL import Image
