@@ -50,7 +50,10 @@ cost of a call). The two sides take turns every round; images/s = images / media
 fixed cost (the model and the Trainer built, the outputs gathered) is paid, as on a large folder.
 grounding-predict's picture writers (``--writer_threads``, its default) run beside torch's thread; the anchors
 write nothing.
-``detector_draw_ms_per_image``: ``grounding.visualize.draw_boxes`` alone on the written records, the part of
+``detector_paired_*`` (``--paired_passes``, default 1): the detector's per-image step of grounding-predict
+(``GroundingDetector.__call__``, what its ``predict_step`` runs) and transformers' loop timed image by image in
+alternation on one shared model instance (``paired_detector_steps``): the median and quartiles of the ratio, a
+figure that a shared machine's minutes-long swings do not move. ``detector_draw_ms_per_image``: ``grounding.visualize.draw_boxes`` alone on the written records, the part of
 the detector's writing that grows with the number of boxes. On a CPU shared with other work, torch's
 threads wait for each other whenever one core is taken (a 2-thread matrix product ran up to 9x slower than
 alone on the 2-core sandbox while other jobs ran, and ``--quick`` took 4-5 minutes instead of half of one), so
