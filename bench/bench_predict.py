@@ -36,14 +36,14 @@ prompt, the larger the share of the loop's time grounding-predict saves. GEM alw
 weighs as it does for a user: the detector with ``GroundingDinoConfig()``'s architecture (Swin-T, BERT-base sized
 text encoder; ``SWIN_T`` of bench_masking_overhead.py) resized to 320 px (``--predict.image_size``, the exported
 processor alike), GEM on a ViT-B/16 CLIP (open_clip's ``ViT-B-16``, or ``build_clip("vit-b16-random")`` without the
-reference) with GEM's own settings (depth 7, short side 448). Its defaults: 8 images of 320 px, 1 round, a one-image first call, no ``--no_pictures`` or
+reference) with GEM's own settings (depth 7, short side 448). Its defaults: 8 images of 320 px, 1 round, no ``--no_pictures`` or
 batch-4 calls (each call costs the model's minutes).
 
 grounding-predict runs in-process through ``grounding.cli.predict([...])``, each call into a fresh ``--out``
 folder (nothing skipped), so a timed call includes what a user's second call pays: building the model and the
 Trainer, reading, predicting and writing every output (drawn boxes or label maps, heatmaps, records,
-predictions.json), but not the imports. The first call of each method (imports and lazy initialization
-included) is timed apart (``*_first_call_s``), as is a call on one image (``*_one_image_call_s``: the fixed
+predictions.json), but not the imports. The first call of each method, on one image (imports and lazy
+initialization included), is timed apart (``*_first_call_s``), as is a call on one image (``*_one_image_call_s``: the fixed
 cost of a call). The two sides take turns every round; images/s = images / median time of a round.
 ``*_no_pictures_*``: the same call with ``--no_pictures`` (records and label maps only, as for a large folder).
 ``*_steady_*``: (images - 1) / (a call's median time - the one-image call's time), the rate of a call once its
@@ -58,7 +58,8 @@ the detector's writing that grows with the number of boxes. On a CPU shared with
 threads wait for each other whenever one core is taken (a 2-thread matrix product ran up to 9x slower than
 alone on the 2-core sandbox while other jobs ran, and ``--quick`` took 4-5 minutes instead of half of one), so
 both sides run on one thread by default (``--threads 0``: torch's own choice); ``loadavg_1min_start_end``
-records the load. Ends with one JSON line.
+records the load. Prints the detector's figures as a JSON line before GEM runs, and ends with the
+JSON line of all of them.
 """
 
 from __future__ import annotations
@@ -367,7 +368,7 @@ def measure(name: str, runner: PredictRunner, anchors: dict, files: list[Path], 
     ``also_batch``, a one-image call. Returns the figures, the last call's output folder and each anchor's
     results."""
     inputs = [str(folder)]
-    first, _, _ = runner([str(files[0])] if args.scale == "base" else inputs, args.batch_size, device)
+    first, _, _ = runner([str(files[0])], args.batch_size, device)  # imports and lazy initialization: one image
     for anchor in anchors.values():
         anchor(files[:2])  # the anchor's own lazy initialization, untimed
     predict_times, batched_times, bare_times = [], [], []
@@ -494,6 +495,8 @@ def main() -> None:
             figures["detector_draw_ms_per_image"] = round(draw_ms_per_image(out), 2)
             if args.paired_passes:
                 figures.update(paired_detector_steps(exported, classes, files, args, device))
+            if "gem" in args.methods:  # the detector's figures so far, should the run be stopped during GEM's
+                print(json.dumps(figures), flush=True)
 
         if "gem" in args.methods:
             from PIL import Image

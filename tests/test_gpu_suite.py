@@ -104,6 +104,7 @@ def test_keeps_what_finished_and_rewrites_valid_files_after_each_entry(tmp_path)
     hang = ("import subprocess, sys, time\n"
             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
             "print('grandchild', child.pid, flush=True)\n"
+            "print('{\"so_far\": 2}', flush=True)\n"
             "time.sleep(60)")
     reader = ("import json, re\n"
               f"document = json.load(open({str(out)!r}))\n"
@@ -126,6 +127,7 @@ def test_keeps_what_finished_and_rewrites_valid_files_after_each_entry(tmp_path)
     benches = document["benches"]
     assert list(benches) == ["hang", "first", "crash", "silent", "reader"]
     assert benches["hang"]["status"] == "timeout" and benches["hang"]["seconds"] < 15
+    assert benches["hang"]["partial_figures"] == {"so_far": 2} and "figures" not in benches["hang"]
     pid = int(benches["hang"]["stdout_tail"][0].split()[1])
     for _ in range(50):  # the process group went with it
         if dead(pid):
@@ -158,6 +160,7 @@ def test_keeps_what_finished_and_rewrites_valid_files_after_each_entry(tmp_path)
     markdown = out.with_suffix(".md").read_text()
     assert "| value | 1.5 |" in markdown and "x\\|y" in markdown  # a | in a value does not break the table
     assert "boom: it broke" in markdown and "**timeout**" in markdown and "**failed** in" in markdown
+    assert "before it stopped (partial):" in markdown and "| so_far | 2 |" in markdown
 
 
 def test_unused_time_passes_on_and_an_exhausted_budget_skips(tmp_path):
